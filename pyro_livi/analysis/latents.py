@@ -1,0 +1,74 @@
+"""Posterior summaries of a fitted model as tables with the data's own ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data.loader import MinibatchLoader
+
+
+@torch.no_grad()
+def cell_state(model, dataset, *, batch_size: int = 4096, n_samples: int = 0, seed: int = 0) -> np.ndarray:
+    """Cell-state latent of every cell, in dataset order.
+
+    Returns the posterior mean, shape (n_cells, K_C), or with ``n_samples > 0`` posterior
+    samples of shape (n_samples, n_cells, K_C).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    model.eval()
+    for batch in MinibatchLoader(dataset, batch_size=batch_size, shuffle=False):
+        loc, scale = model.encode(batch)
+        if n_samples:
+            eps = torch.randn((n_samples, *loc.shape), generator=generator)
+            out.append((loc + scale * eps).numpy())
+        else:
+            out.append(loc.numpy())
+    model.train()
+    return np.concatenate(out, axis=-2)
+
+
+def cell_state_table(model, dataset, **kwargs) -> pd.DataFrame:
+    """Posterior mean cell state, rows = cell ids, columns ``c_0..``."""
+    values = cell_state(model, dataset, **kwargs)
+    return pd.DataFrame(values, index=dataset.obs_names,
+                        columns=[f"c_{k}" for k in range(values.shape[1])])
+
+
+def donor_factor_tables(model, donor_index) -> dict[str, pd.DataFrame]:
+    """Donor x factor tables (rows = donor ids as in the data), e.g. {"D": ..., "V": ...}."""
+    return {
+        name: pd.DataFrame(values.cpu().numpy(), index=pd.Index(donor_index.ids, name="donor"),
+                           columns=[f"{name}_{k}" for k in range(values.shape[1])])
+        for name, values in model.donor_factors().items()
+    }
+
+
+def assignment_table(model) -> pd.DataFrame:
+    """A = sigmoid(A_logits), rows = cell-state factors, columns = interaction factors."""
+    A = model.A.detach().cpu().numpy()
+    return pd.DataFrame(A, index=[f"c_{k}" for k in range(A.shape[0])],
+                        columns=[f"D_{k}" for k in range(A.shape[1])])
+
+
+def loading_tables(model, feature_names: dict) -> dict[str, pd.DataFrame]:
+    """Gene loadings of each decoder: features x factors, one table per decoder."""
+    tables = {}
+    for name, W in model.loadings().items():
+        modality = name.split("__")[1] if "__" in name else model.modalities[0]
+        prefix = {"W_C": "c", "W_DxC": "D", "W_V": "V"}.get(name.split("__")[0], name)
+        W = W.cpu().numpy()
+        tables[name] = pd.DataFrame(W.T, index=pd.Index(feature_names[modality], name="feature"),
+                                    columns=[f"{prefix}_{k}" for k in range(W.shape[0])])
+    return tables
+
+
+def dispersion_tables(model, feature_names: dict) -> dict[str, pd.DataFrame]:
+    """Per-feature likelihood parameters (e.g. theta), one table per modality."""
+    return {
+        modality: pd.DataFrame({k: v.cpu().numpy() for k, v in params.items()},
+                               index=pd.Index(feature_names[modality], name="feature"))
+        for modality, params in model.dispersions().items()
+    }

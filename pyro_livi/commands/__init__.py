@@ -1,0 +1,1 @@
+"""Subcommands of ``pyro-livi``; each module exposes ``register(subparsers)``."""

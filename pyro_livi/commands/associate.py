@@ -1,0 +1,107 @@
+"""``pyro-livi associate``: test a run's donor factors against genotypes (LMM, glimix-core)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pyro_livi.errors import InputError
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "associate",
+        help="test donor factors (D, V) against genotypes with a linear mixed model",
+        description="Test every donor factor of a fitted run (D.tsv, V.tsv) against every "
+        "SNP: d_k = g beta + M alpha + u + eps, u ~ N(0, sigma_u^2 K) (seed 001 eq. 19), "
+        "fitted with glimix-core; multiple testing over all factor x SNP pairs together. "
+        "Writes RESULTS.tsv, <stem>_manhattan.png, <stem>_qq.png and <stem>_report.json.",
+    )
+    p.add_argument("--run", required=True, metavar="RUN_DIR",
+                   help="run directory holding D.tsv and/or V.tsv (donor ids in the first "
+                   "column, factor names in the header)")
+    p.add_argument("--genotypes", required=True, metavar="PLINK_PREFIX_OR_TABLE",
+                   help="PLINK prefix or .bed (+ .fam, .bim optional), or a dosage table "
+                   "(.csv/.tsv, gz allowed)")
+    p.add_argument("--variant-count", type=int, default=None, metavar="N",
+                   help="number of SNPs of a .bed that has no .bim")
+    p.add_argument("--dosage-orientation", choices=["snps_x_donors", "donors_x_snps"],
+                   default=None, help="layout of a dosage table (required for tables)")
+    p.add_argument("--duplicate-snps", choices=["error", "make_unique"], default="error",
+                   help="duplicated SNP ids: fail (default) or keep each as id#2, id#3, ...")
+    p.add_argument("--kinship", default=None, metavar="FILE",
+                   help="donor x donor kinship table (first column and header: donor ids); "
+                   "default: computed from the QC'd genotypes")
+    p.add_argument("--loco", action="store_true",
+                   help="leave-one-chromosome-out kinship computed from the genotypes "
+                   "(needs chromosomes; recommended when the genotypes are a few regions)")
+    p.add_argument("--covariates", default=None, metavar="FILE",
+                   help="donor covariate table (first column donor ids; numeric columns)")
+    p.add_argument("--fdr", type=float, default=0.05, help="FDR threshold (default 0.05)")
+    p.add_argument("--fdr-method", choices=["bh", "storey"], default="bh",
+                   help="Benjamini-Hochberg (default) or Storey q-values")
+    p.add_argument("--factors", choices=["D", "V", "all"], default="all",
+                   help="which factor tables to test (default all present)")
+    p.add_argument("--inverse-normal", action="store_true",
+                   help="rank-based inverse normal transform of each factor")
+    p.add_argument("--maf", type=float, default=0.05,
+                   help="minor-allele-frequency threshold (default 0.05)")
+    p.add_argument("--chunk-size", type=int, default=5000,
+                   help="SNPs per block (bounds memory; default 5000)")
+    p.add_argument("--no-plots", action="store_true", help="skip the Manhattan / QQ plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, metavar="RESULTS.tsv", help="results table")
+    p.set_defaults(func=run)
+    return p
+
+
+def summary(report: dict) -> str:
+    """Short text summary of an association report."""
+    d = report["donors"]
+    lines = [
+        f"tests: {report['n_tests']} ({len(report['factors']['tested'])} factors x "
+        f"{report['snp_qc']['n_snps_kept']} SNPs)",
+        f"significant ({report['multiple_testing']['method']}, FDR "
+        f"{report['multiple_testing']['fdr']:g}): {report['n_significant']}",
+        f"lambda_gc: {report['lambda_gc']:.3f}",
+        f"donors analysed: {d['n_analysed']} (factor donors without genotypes: "
+        f"{len(d['factor_donors_without_genotypes'])}; genotyped donors without factors: "
+        f"{d['n_genotyped_donors_without_factors']}"
+        + (f"; without covariates: "
+           f"{len(report['covariates'].get('donors_without_covariates_excluded', []))}"
+           if report["covariates"]["given"] else "") + ")",
+        f"SNPs excluded by QC: {report['snp_qc']['n_all_missing']} all missing, "
+        f"{report['snp_qc']['n_monomorphic']} monomorphic, {report['snp_qc']['n_low_maf']} "
+        f"MAF < {report['snp_qc']['maf']:g}; imputed calls: "
+        f"{report['snp_qc']['n_imputed_calls']}",
+    ]
+    if report["factors"]["excluded"]:
+        lines.append("factors excluded: " + ", ".join(
+            f"{e['factor']} ({e['reason']})" for e in report["factors"]["excluded"]))
+    if report["untestable_pairs"]["n"]:
+        lines.append(f"untestable pairs left out: {report['untestable_pairs']['n']}")
+    note = report["multiple_testing"].get("pi0_note")
+    if note:
+        lines.append(note)
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from pyro_livi.analysis.associate_run import output_paths, run_associate
+
+    try:
+        _, report = run_associate(
+            args.run, args.genotypes, out=args.out, variant_count=args.variant_count,
+            dosage_orientation=args.dosage_orientation, duplicate_snps=args.duplicate_snps,
+            kinship=args.kinship, covariates=args.covariates, fdr=args.fdr,
+            fdr_method=args.fdr_method, factors=args.factors,
+            inverse_normal=args.inverse_normal, maf=args.maf, loco=args.loco,
+            chunk_size=args.chunk_size, progress=not args.quiet, plots=not args.no_plots)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary(report))
+    written = output_paths(args.out)
+    print("wrote: " + ", ".join(str(p) for k, p in written.items()
+                                if not (args.no_plots and k in ("manhattan", "qq"))))
+    return 0

@@ -1,0 +1,7 @@
+"""Data: reading and validating AnnData/MuData, donor index, minibatches."""
+
+from pyro_livi.data.batch import Batch
+from pyro_livi.data.donor_index import DonorIndex
+from pyro_livi.data.expression import SingleCellDataset, read_dataset
+from pyro_livi.data.loader import MinibatchLoader
+from pyro_livi.data.spec import DatasetSpec

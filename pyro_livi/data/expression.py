@@ -1,0 +1,772 @@
+"""Reading and validating single-cell count data into a :class:`SingleCellDataset`.
+
+``read_dataset`` takes an ``.h5ad`` / ``.h5mu`` path or an in-memory AnnData / MuData and a
+:class:`~pyro_livi.data.spec.DatasetSpec`, checks the data against the data contract
+(raw integer counts, no empty cells, unique and aligned cell ids, donor and covariate
+columns present) and returns a dataset that hands out dense minibatches
+(:class:`~pyro_livi.data.batch.Batch`) while the full matrices stay as stored: sparse
+matrices stay sparse, backed files stay on disk. Every problem is an
+:class:`~pyro_livi.errors.InputError` that names the file, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from pyro_livi.data.batch import Batch
+from pyro_livi.data.donor_index import DonorIndex
+from pyro_livi.data.spec import DatasetSpec
+from pyro_livi.errors import InputError
+
+try:  # MuData is optional at import time only; it is a declared dependency.
+    import mudata as md
+except ImportError:  # pragma: no cover
+    md = None
+
+#: Stored values read at a time from a backed file when computing size factors.
+BACKED_CHUNK_VALUES = 4_000_000
+
+
+def _preview(items, n: int = 10) -> str:
+    items = list(items)
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return f"{items[:n]}{more}"
+
+
+# --------------------------------------------------------------------------------------
+# Row access to one count matrix
+# --------------------------------------------------------------------------------------
+
+
+class _CountMatrix:
+    """Row access to one stored count matrix (cells x features) without densifying it.
+
+    ``kind`` is one of ``"dense"`` (in-memory ndarray), ``"csr"`` (in-memory scipy CSR),
+    ``"backed_sparse"`` (anndata CSR dataset on disk) or ``"backed_dense"`` (h5py dataset).
+    """
+
+    def __init__(self, matrix, source: str, field: str, notes: list[str]):
+        self.field = field
+        if isinstance(matrix, ad.abc.CSCDataset):
+            raise InputError(
+                source, field,
+                "the counts are a backed CSC matrix: reading one minibatch of cells would "
+                "read the whole matrix from disk",
+                "read the file in memory (backed=False), or rewrite it with CSR counts "
+                "(adata.X = adata.X.tocsr(); adata.write_h5ad(path))")
+        if isinstance(matrix, ad.abc.CSRDataset):
+            self.kind = "backed_sparse"
+        elif isinstance(matrix, h5py.Dataset):
+            self.kind = "backed_dense"
+        elif sp.issparse(matrix):
+            if matrix.format != "csr":
+                note = (f"{source}: {field} is stored as {matrix.format.upper()}; converted once "
+                        f"to CSR for row access (an in-memory copy of {matrix.nnz:,} stored "
+                        "values; store CSR to avoid it)")
+                warnings.warn(note, stacklevel=3)
+                notes.append(note)
+                matrix = matrix.tocsr()
+            self.kind = "csr"
+        elif isinstance(matrix, np.ndarray):
+            matrix = np.asarray(matrix)  # np.matrix -> ndarray (no copy)
+            self.kind = "dense"
+        else:
+            raise InputError(
+                source, field,
+                f"unsupported matrix type {type(matrix).__module__}.{type(matrix).__name__}",
+                "store the counts as a numpy array or a scipy sparse CSR matrix (e.g. "
+                "adata.X = adata.X.compute() for a dask array), or save as .h5ad and read "
+                "it with backed=True")
+        if len(matrix.shape) != 2:
+            raise InputError(source, field, f"expected a 2-D matrix, got shape {matrix.shape}",
+                             "store a cells x features count matrix")
+        self.matrix = matrix
+        self.shape = tuple(int(s) for s in matrix.shape)
+        self.dtype = np.dtype(matrix.dtype)
+
+    @property
+    def backed(self) -> bool:
+        return self.kind.startswith("backed")
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Dense float32 rows, shape (len(rows), n_features), in the order of ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.zeros((0, self.shape[1]), dtype=np.float32)
+        uniq, inverse = np.unique(rows, return_inverse=True)  # sorted, as h5py needs
+        block = self.matrix[uniq]
+        if sp.issparse(block):
+            block = block.toarray()
+        block = np.asarray(block, dtype=np.float32)
+        if uniq.size == rows.size and np.array_equal(uniq, rows):
+            return block
+        return block[inverse.ravel()]
+
+    def chunks(self):
+        """Yield ``(start, stop, block)`` over all rows; blocks are sparse or dense as stored."""
+        n, g = self.shape
+        if self.kind in ("csr", "dense"):
+            yield 0, n, self.matrix
+            return
+        step = max(1, BACKED_CHUNK_VALUES // max(g, 1))
+        if self.kind == "backed_sparse":
+            nnz_per_row = max(1.0, self._backed_nnz() / max(n, 1))
+            step = max(1, int(BACKED_CHUNK_VALUES // nnz_per_row))
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            yield start, stop, self.matrix[start:stop]
+
+    def _backed_nnz(self) -> int:
+        group = getattr(self.matrix, "group", None)
+        if group is not None and "data" in group:
+            return int(group["data"].shape[0])
+        return self.shape[0] * self.shape[1]
+
+    def stored_values(self, block) -> np.ndarray:
+        """The stored values of a block as a 1-D array (no copy for CSR / contiguous)."""
+        if sp.issparse(block):
+            return block.data
+        return np.asarray(block).reshape(-1)
+
+    def n_stored(self) -> int:
+        if self.kind == "csr":
+            return int(self.matrix.nnz)
+        if self.kind == "backed_sparse":
+            return self._backed_nnz()
+        return self.shape[0] * self.shape[1]
+
+    def sample_values(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` stored values drawn uniformly at random (in-memory matrices only)."""
+        if self.kind == "csr":
+            return self.matrix.data[rng.integers(0, self.matrix.nnz, size=n)]
+        r = rng.integers(0, self.shape[0], size=n)
+        c = rng.integers(0, self.shape[1], size=n)
+        return np.asarray(self.matrix[r, c]).reshape(-1)
+
+
+class _ValueTally:
+    """Counts of bad stored values (non-finite, negative, non-integer) with an example each."""
+
+    def __init__(self):
+        self.checked = 0
+        self.counts = {"non-finite": 0, "negative": 0, "non-integer": 0}
+        self.examples: dict[str, float] = {}
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values)
+        self.checked += values.size
+        if values.size == 0 or values.dtype.kind in "ub":
+            return
+        bad = {}
+        if values.dtype.kind == "f":
+            finite = np.isfinite(values)
+            bad["non-finite"] = ~finite
+            fin = np.where(finite, values, 0)
+            bad["negative"] = fin < 0
+            bad["non-integer"] = fin != np.floor(fin)
+        else:
+            bad["negative"] = values < 0
+        for name, mask in bad.items():
+            k = int(np.count_nonzero(mask))
+            if k:
+                self.counts[name] += k
+                self.examples.setdefault(name, values[np.argmax(mask)].item())
+
+
+def _check_dtype(m: _CountMatrix, source: str) -> None:
+    if m.dtype.kind not in "uif":
+        raise InputError(source, m.field,
+                         f"counts have dtype {m.dtype}, not a numeric type",
+                         "store raw integer counts (an integer or float array); if the raw "
+                         "counts are in a layer, name it in the spec, e.g. "
+                         "modalities={'rna': 'counts'}")
+
+
+def _count_totals(m: _CountMatrix, source: str, check_sample: int | None,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Total count of every row (float64, shape (n_rows,)), after checking the values.
+
+    In memory, every row total is computed (so NaN/inf anywhere is caught), and the stored
+    values are checked for negatives and non-integers in full when there are at most
+    ``check_sample`` of them, else in a random sample of ``check_sample`` stored values.
+    Backed matrices are read in chunks and every stored value is checked as it is read.
+    """
+    _check_dtype(m, source)
+    tally = _ValueTally()
+    totals = np.zeros(m.shape[0], dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for start, stop, block in m.chunks():
+            totals[start:stop] = np.asarray(block.sum(axis=1, dtype=np.float64)).reshape(-1)
+            if m.backed:
+                tally.add(m.stored_values(block))
+        n_stored = m.n_stored()
+        sampled = False
+        if not m.backed:
+            if check_sample is None or n_stored <= check_sample:
+                tally.add(m.stored_values(m.matrix))
+            else:
+                tally.add(m.sample_values(int(check_sample), rng))
+                sampled = True
+    where = (f"in a random sample of {tally.checked:,} of the {n_stored:,} stored values "
+             f"(check_sample={check_sample}; the remaining values are not checked for this)"
+             if sampled else f"among all {n_stored:,} stored values")
+    fix_raw = ("give raw integer counts (not normalised, scaled or log-transformed values); "
+               "if the raw counts are in a layer, name it in the spec, e.g. "
+               "modalities={'rna': 'counts'}")
+    nonfinite_rows = ~np.isfinite(totals)
+    if nonfinite_rows.any() or tally.counts["non-finite"]:
+        k = int(nonfinite_rows.sum())
+        raise InputError(source, m.field,
+                         f"counts contain NaN or inf ({k:,} cell(s) have a non-finite total)",
+                         "replace the NaN/inf entries with the measured counts, or drop "
+                         "those cells; " + fix_raw)
+    if tally.counts["negative"] or (totals < 0).any():
+        k = tally.counts["negative"]
+        detail = (f"{k:,} negative {where}, e.g. {tally.examples['negative']}" if k else
+                  f"{int((totals < 0).sum()):,} cell(s) have a negative total count")
+        raise InputError(source, m.field, f"counts contain negative values ({detail})", fix_raw)
+    if tally.counts["non-integer"]:
+        k = tally.counts["non-integer"]
+        raise InputError(source, m.field,
+                         f"counts are not integers ({k:,} non-integer values {where}, e.g. "
+                         f"{tally.examples['non-integer']})",
+                         fix_raw)
+    return totals
+
+
+# --------------------------------------------------------------------------------------
+# Opening the input and finding its parts
+# --------------------------------------------------------------------------------------
+
+
+def _open(data, backed: bool):
+    """``(object, source)``: the AnnData/MuData to read and the name used in messages."""
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        source = str(path)
+        if not path.exists():
+            raise InputError(source, "<file>", "file not found",
+                             "give the path of an existing .h5ad or .h5mu file")
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".h5ad":
+                return ad.read_h5ad(path, backed="r" if backed else None), source
+            if suffix == ".h5mu":
+                return md.read_h5mu(path, backed=bool(backed)), source
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            raise InputError(source, "<file>", f"could not be read ({type(err).__name__}: {err})",
+                             "check that the file is a complete AnnData (.h5ad) or MuData "
+                             "(.h5mu) file written by anndata/mudata") from err
+        raise InputError(source, "<file>", f"unknown file type '{path.suffix}'",
+                         "give an AnnData '.h5ad' or MuData '.h5mu' file")
+    if backed:
+        raise InputError(f"<in-memory {type(data).__name__}>", "backed",
+                         "backed=True needs a file path; this is an in-memory object",
+                         "pass the path of the .h5ad/.h5mu file, or leave backed=False")
+    if md is not None and isinstance(data, md.MuData):
+        return data, "<in-memory MuData>"
+    if isinstance(data, ad.AnnData):
+        return data, "<in-memory AnnData>"
+    raise InputError("<in-memory object>", "data",
+                     f"expected an AnnData, a MuData or a path, got {type(data).__name__}",
+                     "pass an anndata.AnnData, a mudata.MuData, or a .h5ad/.h5mu path")
+
+
+def _is_mudata(obj) -> bool:
+    return md is not None and isinstance(obj, md.MuData)
+
+
+def _modalities(obj, spec: DatasetSpec, source: str) -> dict[str, ad.AnnData]:
+    """Spec modality name -> the AnnData holding it."""
+    names = list(spec.modalities)
+    if not _is_mudata(obj):
+        if len(names) != 1:
+            raise InputError(source, "modalities",
+                             f"an AnnData holds one modality but the spec names {names}",
+                             "give a MuData for several modalities, or a spec with a single "
+                             "modality, e.g. {'rna': None}")
+        return {names[0]: obj}
+    if getattr(obj, "axis", 0) != 0:
+        raise InputError(source, "axis",
+                         f"MuData with axis={obj.axis} (shared features); the models need "
+                         "modalities measured on shared cells (axis=0)",
+                         "build the MuData with axis=0 (the default)")
+    missing = [n for n in names if n not in obj.mod]
+    if missing:
+        raise InputError(source, "modalities",
+                         f"modality(ies) {missing} not in the MuData; available: {list(obj.mod)}",
+                         "name modalities of the MuData in the spec's 'modalities'")
+    return {n: obj.mod[n] for n in names}
+
+
+def _matrix_field(is_mu: bool, name: str, layer: str | None) -> str:
+    part = ".X" if layer is None else f".layers['{layer}']"
+    return f"mdata.mod['{name}']{part}" if is_mu else f"adata{part}"
+
+
+def _count_source(adata: ad.AnnData, name: str, layer: str | None, source: str, field: str):
+    if layer is None:
+        if adata.X is None:
+            raise InputError(source, field, f"modality '{name}' has no .X",
+                             "store the raw counts in .X, or name the layer that holds them, "
+                             f"e.g. modalities={{'{name}': 'counts'}}")
+        return adata.X
+    if layer not in adata.layers:
+        raise InputError(source, field, f"no layer '{layer}' in modality '{name}'; available "
+                         f"layers: {list(adata.layers.keys())}",
+                         f"set modalities['{name}'] to one of these layers, or to null for .X")
+    return adata.layers[layer]
+
+
+def _check_unique_cells(names: pd.Index, source: str, where: str) -> None:
+    dup = names[names.duplicated()].unique()
+    if len(dup):
+        raise InputError(source, f"{where}obs_names",
+                         f"{len(dup)} duplicate cell id(s): {_preview(dup.tolist())}",
+                         "make cell ids unique and save again: adata.obs_names_make_unique() "
+                         "(for a MuData: mdata.obs_names_make_unique())")
+
+
+def _align(ref_name: str, ref_names: pd.Index, name: str, names: pd.Index, optional: bool,
+           source: str) -> np.ndarray | None:
+    """Row of each reference cell in modality ``name`` (-1 where absent); None = identity."""
+    if names.equals(ref_names):
+        return None
+    field = f"mdata.mod['{name}'].obs_names"
+    extra = names[~names.isin(ref_names)]
+    if optional:
+        if len(extra):
+            raise InputError(
+                source, field,
+                f"{len(extra)} cell(s) of optional modality '{name}' are not cells of the first "
+                f"modality '{ref_name}': {_preview(extra.tolist())}",
+                f"drop them from '{name}', e.g. mdata.mod['{name}'] = mdata.mod['{name}']"
+                f"[mdata.mod['{name}'].obs_names.isin(mdata.mod['{ref_name}'].obs_names)].copy()")
+        return names.get_indexer(ref_names).astype(np.int64)
+    missing = ref_names[~ref_names.isin(names)]
+    if len(extra) == 0 and len(missing) == 0:
+        first = int(np.flatnonzero(names.to_numpy() != ref_names.to_numpy())[0])
+        raise InputError(
+            source, field,
+            f"modality '{name}' has the same cells as the first modality '{ref_name}' but in a "
+            f"different order (first difference at position {first}: "
+            f"'{names[first]}' vs '{ref_names[first]}')",
+            f"reorder it: mdata.mod['{name}'] = mdata.mod['{name}']"
+            f"[mdata.mod['{ref_name}'].obs_names].copy(); mdata.update()")
+    raise InputError(
+        source, field,
+        f"modality '{name}' and the first modality '{ref_name}' hold different cells: "
+        f"{len(missing)} cell(s) of '{ref_name}' are missing from '{name}' "
+        f"({_preview(missing.tolist(), 5)}), {len(extra)} cell(s) of '{name}' are not in "
+        f"'{ref_name}' ({_preview(extra.tolist(), 5)})",
+        f"keep only the cells measured in both (e.g. muon.pp.intersect_obs(mdata)), or, if "
+        f"some cells truly lack '{name}', list it in the spec's 'optional_modalities'")
+
+
+def _obs_column(obj, ref: ad.AnnData, key: str, spec_field: str, source: str) -> pd.Series:
+    """The ``.obs`` column ``key`` for the reference cells, in their order (not a copy)."""
+    if _is_mudata(obj):
+        if key in obj.obs.columns:
+            pos = obj.obs.index.get_indexer(ref.obs_names)
+            if (pos < 0).any():
+                raise InputError(source, "obs", "the MuData's global .obs does not list all "
+                                 "cells of its modalities",
+                                 "call mdata.update() before reading or saving")
+            return obj.obs[key].iloc[pos]
+        if key in ref.obs.columns:
+            return ref.obs[key]
+        available = list(obj.obs.columns) + [c for c in ref.obs.columns
+                                             if c not in obj.obs.columns]
+    else:
+        if key in obj.obs.columns:
+            return obj.obs[key]
+        available = list(obj.obs.columns)
+    raise InputError(source, f"obs['{key}'] ({spec_field})",
+                     f"no .obs column '{key}'; available .obs columns: {available}",
+                     f"set '{spec_field}' in the spec to one of the available columns, or add "
+                     f"a '{key}' column to .obs")
+
+
+def _nan_check(col: pd.Series, names: pd.Index, key: str, spec_field: str, source: str,
+               what: str) -> None:
+    missing = col.isna().to_numpy()
+    if missing.any():
+        raise InputError(source, f"obs['{key}'] ({spec_field})",
+                         f"{int(missing.sum()):,} cell(s) have no {what} (NaN), e.g. "
+                         f"{_preview(names[missing].tolist(), 5)}",
+                         f"fill in the {what} of these cells, or drop them before reading "
+                         f"(adata = adata[adata.obs['{key}'].notna()].copy())")
+
+
+def _covariate_codes(col: pd.Series, key: str, categories: list[str] | None, source: str):
+    """``(categories, codes)`` for one categorical covariate; values compared as strings."""
+    values = col.astype(str).to_numpy(dtype=object)
+    if categories is None:
+        categories = sorted(set(values.tolist()))
+    lookup = {c: k for k, c in enumerate(categories)}
+    uniq, inverse = np.unique(values.astype(str), return_inverse=True)
+    unseen = [u for u in uniq.tolist() if u not in lookup]
+    if unseen:
+        raise InputError(source, f"obs['{key}'] (covariate_keys)",
+                         f"{len(unseen)} value(s) not among the categories the model was "
+                         f"trained with: {_preview(unseen)}; trained categories: "
+                         f"{_preview(categories)}",
+                         f"keep only cells whose '{key}' is one of the trained categories, or "
+                         "fit a model on data that includes these categories")
+    codes = np.array([lookup[u] for u in uniq.tolist()], dtype=np.int64)[inverse.ravel()]
+    return list(categories), codes
+
+
+# --------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------
+
+
+class SingleCellDataset:
+    """Validated single-cell counts that hand out dense minibatches.
+
+    The count matrices are held as stored (scipy CSR in memory, or on disk when read with
+    ``backed=True``); only the rows of a minibatch are made dense. The dataset refers to the
+    user's matrices without copying them and never modifies them.
+
+    Attributes
+    ----------
+    source : str
+        The file path, or ``"<in-memory AnnData>"`` / ``"<in-memory MuData>"``.
+    spec : DatasetSpec
+    n_cells : int
+    modalities : list[str]
+        Modality names; the first is the reference every other modality is aligned to.
+    n_features : dict[str, int]
+    feature_names : dict[str, pd.Index]
+    obs_names : pd.Index, shape (n_cells,)
+    obs : pd.DataFrame, shape (n_cells, .)
+        Copies of the donor, covariate and label columns only, indexed by ``obs_names``.
+    donor_index : DonorIndex
+    donor_codes : np.ndarray[int64], shape (n_cells,)
+    covariate_categories : dict[str, list[str]]
+        Covariate key -> its categories (as strings); code k is ``categories[k]``.
+    covariate_codes : np.ndarray[int64], shape (n_cells, n_covariates)
+        Columns in the order of ``spec.covariate_keys``.
+    present : dict[str, np.ndarray[bool]], each shape (n_cells,)
+        Whether each cell was measured in the modality (all True unless optional).
+    size_factors : dict[str, np.ndarray[float64]], each shape (n_cells,)
+        Total count of each cell in the modality (counts). Cells absent from an optional
+        modality get 1.0, a neutral placeholder that keeps ``log(size_factor)`` finite; their
+        counts are zero and ``present`` is False, so models mask them out.
+    notes : list[str]
+        What reading did beyond checking (e.g. a one-off CSC -> CSR conversion).
+    """
+
+    def __init__(self, *, source, spec, matrices, rows_of_cell, cells, obs, donor_index,
+                 donor_codes, covariate_categories, covariate_codes, present, size_factors,
+                 feature_names, notes):
+        self.source = source
+        self.spec = spec
+        self._matrices: dict[str, _CountMatrix] = matrices
+        # Modality -> row in its matrix of each cell of the full (unsubset) read; None = same.
+        self._rows_of_cell: dict[str, np.ndarray | None] = rows_of_cell
+        # Position in the full read of each cell of this dataset.
+        self._cells = cells
+        self.obs = obs
+        self.obs_names = obs.index
+        self.donor_index = donor_index
+        self.donor_codes = donor_codes
+        self.covariate_categories = covariate_categories
+        self.covariate_codes = covariate_codes
+        self.present = present
+        self.size_factors = size_factors
+        self.feature_names = feature_names
+        self.modalities = list(matrices)
+        self.n_features = {m: int(matrices[m].shape[1]) for m in matrices}
+        self.notes = notes
+
+    @property
+    def n_cells(self) -> int:
+        return int(self._cells.shape[0])
+
+    @property
+    def backed(self) -> bool:
+        """Whether any modality is read from disk per batch."""
+        return any(m.backed for m in self._matrices.values())
+
+    def __len__(self) -> int:
+        return self.n_cells
+
+    def __repr__(self) -> str:
+        feats = ", ".join(f"{m}: {g}" for m, g in self.n_features.items())
+        return (f"SingleCellDataset({self.source}, {self.n_cells} cells, "
+                f"{len(self.donor_index)} donors, features {{{feats}}}"
+                f"{', backed' if self.backed else ''})")
+
+    def _check_idx(self, idx, what: str = "idx") -> np.ndarray:
+        idx = np.asarray(idx)
+        if idx.dtype == bool:
+            if idx.shape != (self.n_cells,):
+                raise InputError(self.source, what,
+                                 f"boolean mask of shape {idx.shape}, expected ({self.n_cells},)",
+                                 "give one boolean per cell, or integer cell positions")
+            idx = np.flatnonzero(idx)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise InputError(self.source, what,
+                             f"expected a 1-D array of integer cell positions, got dtype "
+                             f"{idx.dtype} shape {idx.shape}",
+                             "give integer positions 0..n_cells-1 (or a boolean mask)")
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_cells):
+            raise InputError(self.source, what,
+                             f"cell positions outside 0..{self.n_cells - 1} "
+                             f"(min {idx.min()}, max {idx.max()})",
+                             "give positions within the dataset")
+        return idx
+
+    def _dense_rows(self, modality: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(x, present)``: dense float32 counts (len(idx), G) and presence of cells ``idx``."""
+        matrix = self._matrices[modality]
+        full = self._cells[idx]
+        mapping = self._rows_of_cell[modality]
+        if mapping is None:
+            return matrix.read(full), np.ones(idx.shape[0], dtype=bool)
+        rows = mapping[full]
+        present = rows >= 0
+        x = np.zeros((idx.shape[0], matrix.shape[1]), dtype=np.float32)
+        if present.any():
+            x[present] = matrix.read(rows[present])
+        return x, present
+
+    def batch(self, idx) -> Batch:
+        """The minibatch of cells ``idx`` (positions 0..n_cells-1), dense only for these rows.
+
+        ``Batch.n_cells`` is the size of this dataset, ``Batch.index`` is ``idx``.
+        """
+        idx = self._check_idx(idx)
+        x, present = {}, {}
+        for m in self.modalities:
+            xm, pm = self._dense_rows(m, idx)
+            x[m] = torch.from_numpy(xm)
+            present[m] = torch.from_numpy(pm)
+        return Batch(
+            index=torch.from_numpy(idx.copy()),
+            n_cells=self.n_cells,
+            x=x,
+            size_factor={m: torch.from_numpy(self.size_factors[m][idx].astype(np.float32))
+                         for m in self.modalities},
+            present=present,
+            donor=torch.from_numpy(self.donor_codes[idx].copy()),
+            covariates=torch.from_numpy(self.covariate_codes[idx].copy()),
+        )
+
+    def counts_sample(self, modality: str, n: int = 2000, seed: int = 0) -> np.ndarray:
+        """Dense float32 counts of up to ``n`` random cells measured in ``modality``.
+
+        Shape (min(n, n_present), n_features[modality]); rows in dataset order. Cells absent
+        from an optional modality are never drawn. Meant for data-based initialisations.
+        """
+        if modality not in self._matrices:
+            raise InputError(self.source, "modality", f"unknown modality '{modality}'",
+                             f"use one of {self.modalities}")
+        candidates = np.flatnonzero(self.present[modality])
+        rng = np.random.default_rng(seed)
+        k = min(int(n), candidates.size)
+        chosen = np.sort(rng.choice(candidates, size=k, replace=False))
+        return self._dense_rows(modality, chosen)[0]
+
+    def subset(self, idx) -> "SingleCellDataset":
+        """The cells ``idx`` (integer positions or boolean mask) as a new dataset.
+
+        It keeps this dataset's donor index and covariate categories, so codes mean the
+        same in both (train / held-out splits). Matrices are shared, not copied.
+        """
+        idx = self._check_idx(idx)
+        if np.unique(idx).size != idx.size:
+            raise InputError(self.source, "idx", "repeated cell positions in a subset",
+                             "give each cell at most once")
+        return SingleCellDataset(
+            source=self.source,
+            spec=self.spec,
+            matrices=self._matrices,
+            rows_of_cell=self._rows_of_cell,
+            cells=self._cells[idx],
+            obs=self.obs.iloc[idx].copy(),
+            donor_index=self.donor_index,
+            donor_codes=self.donor_codes[idx],
+            covariate_categories={k: list(v) for k, v in self.covariate_categories.items()},
+            covariate_codes=self.covariate_codes[idx],
+            present={m: v[idx] for m, v in self.present.items()},
+            size_factors={m: v[idx] for m, v in self.size_factors.items()},
+            feature_names=self.feature_names,
+            notes=list(self.notes),
+        )
+
+    def donor_cell_counts(self) -> pd.Series:
+        """Number of cells of every donor of the index (0 for donors absent here)."""
+        counts = np.bincount(self.donor_codes, minlength=len(self.donor_index))
+        return pd.Series(counts, index=pd.Index(self.donor_index.ids, name="donor"),
+                         name="n_cells")
+
+
+# --------------------------------------------------------------------------------------
+# read_dataset
+# --------------------------------------------------------------------------------------
+
+
+def read_dataset(data, spec: DatasetSpec | dict, *, backed: bool = False,
+                 donor_index: DonorIndex | None = None,
+                 covariate_categories: dict | None = None,
+                 check_sample: int | None = 200_000, seed: int = 0) -> SingleCellDataset:
+    """Read and validate single-cell counts.
+
+    Parameters
+    ----------
+    data : str | Path | AnnData | MuData
+        A ``.h5ad`` or ``.h5mu`` path, or an in-memory object (never modified).
+    spec : DatasetSpec | dict
+        What to read; a dict is validated against ``data_schemas/dataset_spec.schema.json``.
+    backed : bool
+        Open a path in backed mode: counts stay on disk and each batch reads its rows
+        (sorted, for h5py); size factors are computed in chunks. Needs a path. Layers of a
+        backed file are loaded in memory by anndata; ``.X`` stays on disk.
+    donor_index, covariate_categories
+        A fitted model's donor index and covariate categories, re-applied to this data
+        (unseen donors or categories raise an InputError); built from the data when None.
+    check_sample : int | None
+        In-memory matrices with more stored values than this have a random sample of
+        ``check_sample`` stored values checked for negatives and non-integers (None: check
+        every value). NaN/inf are caught everywhere through the cell totals. Backed
+        matrices have every value checked while they are read in chunks.
+    seed : int
+        Seed of that random sample.
+
+    Checks (each an InputError naming the file, the field and the fix): raw counts are
+    non-negative integers without NaN/inf; no cell has a zero total in a modality where it
+    is present; cell ids are unique; MuData modalities hold the first modality's cells in
+    its order (optional modalities: a subset of them); the donor, covariate and label
+    columns, layers and modalities exist; no cell lacks a donor or a covariate value.
+    Donors with a single cell only give a warning.
+    """
+    if isinstance(spec, dict):
+        spec = DatasetSpec.from_dict(spec)
+    elif not isinstance(spec, DatasetSpec):
+        raise InputError("<spec>", "<spec>", f"expected a DatasetSpec or a dict, got "
+                         f"{type(spec).__name__}", "pass DatasetSpec(...) or its dict form")
+    if check_sample is not None and int(check_sample) < 1:
+        raise InputError("<arguments>", "check_sample", f"must be >= 1, got {check_sample}",
+                         "give a positive sample size, or None to check every value")
+    obj, source = _open(data, backed)
+    is_mu = _is_mudata(obj)
+    mods = _modalities(obj, spec, source)
+    ref_name = next(iter(spec.modalities))
+    ref = mods[ref_name]
+    ref_names = pd.Index(ref.obs_names)
+    if ref.n_obs == 0:
+        raise InputError(source, f"mdata.mod['{ref_name}']" if is_mu else "adata.obs",
+                         "no cells", "give data with at least one cell")
+    rng = np.random.default_rng(seed)
+    notes: list[str] = []
+
+    rows_of_cell: dict[str, np.ndarray | None] = {}
+    for name, adata in mods.items():
+        where = f"mdata.mod['{name}']." if is_mu else "adata."
+        _check_unique_cells(pd.Index(adata.obs_names), source, where)
+        rows_of_cell[name] = _align(ref_name, ref_names, name, pd.Index(adata.obs_names),
+                                    name in spec.optional_modalities, source)
+
+    # .obs columns: donor, covariates, labels (copies, in the reference cells' order).
+    columns: dict[str, pd.Series] = {}
+    donor_col = _obs_column(obj, ref, spec.donor_key, "donor_key", source)
+    columns[spec.donor_key] = donor_col
+    for key in spec.covariate_keys:
+        columns.setdefault(key, _obs_column(obj, ref, key, "covariate_keys", source))
+    for key in spec.label_keys:
+        columns.setdefault(key, _obs_column(obj, ref, key, "label_keys", source))
+    obs = pd.DataFrame({k: c.reset_index(drop=True).copy() for k, c in columns.items()})
+    obs.index = ref_names.copy()
+
+    _nan_check(donor_col, ref_names, spec.donor_key, "donor_key", source, "donor id")
+    if donor_index is None:
+        donor_index = DonorIndex.from_values(donor_col.to_numpy(), source,
+                                             f"obs['{spec.donor_key}']")
+    donor_codes = donor_index.encode(donor_col.to_numpy(), source, f"obs['{spec.donor_key}']")
+
+    if covariate_categories is not None:
+        given = set(covariate_categories)
+        if given != set(spec.covariate_keys):
+            raise InputError(source, "covariate_categories",
+                             f"categories are given for {sorted(given)} but the spec's "
+                             f"covariate_keys are {spec.covariate_keys}",
+                             "use the spec the model was fitted with, or its categories")
+    categories_out: dict[str, list[str]] = {}
+    code_cols = []
+    for key in spec.covariate_keys:
+        col = columns[key]
+        _nan_check(col, ref_names, key, "covariate_keys", source, f"'{key}' value")
+        given = None if covariate_categories is None else [str(c) for c in
+                                                           covariate_categories[key]]
+        categories_out[key], codes = _covariate_codes(col, key, given, source)
+        code_cols.append(codes)
+    covariate_codes = (np.stack(code_cols, axis=1) if code_cols
+                       else np.zeros((ref.n_obs, 0), dtype=np.int64))
+
+    matrices: dict[str, _CountMatrix] = {}
+    present: dict[str, np.ndarray] = {}
+    size_factors: dict[str, np.ndarray] = {}
+    feature_names: dict[str, pd.Index] = {}
+    for name, layer in spec.modalities.items():
+        adata = mods[name]
+        field = _matrix_field(is_mu, name, layer)
+        matrix = _CountMatrix(_count_source(adata, name, layer, source, field), source, field,
+                              notes)
+        if matrix.shape != (adata.n_obs, adata.n_vars):
+            raise InputError(source, field, f"shape {matrix.shape} does not match the "
+                             f"modality's {adata.n_obs} cells x {adata.n_vars} features",
+                             "store a cells x features matrix")
+        if matrix.shape[1] == 0:
+            raise InputError(source, field, f"modality '{name}' has no features",
+                             "give at least one feature, or drop the modality from the spec")
+        totals = _count_totals(matrix, source, check_sample, rng)
+        zero = totals == 0
+        if zero.any():
+            ids = pd.Index(adata.obs_names)[zero]
+            fix = ("filter them before reading, e.g. sc.pp.filter_cells(adata, min_counts=1)"
+                   if not is_mu else
+                   "drop them from every modality so the cells stay aligned, e.g. "
+                   "mdata = mdata[~mdata.obs_names.isin(bad_ids)].copy() with bad_ids the "
+                   "cells with zero total")
+            raise InputError(source, field,
+                             f"{int(zero.sum()):,} of {zero.size:,} cells have zero total count "
+                             f"in modality '{name}', e.g. {_preview(ids.tolist(), 10)}",
+                             fix)
+        mapping = rows_of_cell[name]
+        if mapping is None:
+            present[name] = np.ones(ref.n_obs, dtype=bool)
+            size_factors[name] = totals
+        else:
+            present[name] = mapping >= 0
+            sf = np.ones(ref.n_obs, dtype=np.float64)
+            sf[present[name]] = totals[mapping[present[name]]]
+            size_factors[name] = sf
+        matrices[name] = matrix
+        feature_names[name] = pd.Index(adata.var_names).copy()
+
+    counts = np.bincount(donor_codes, minlength=len(donor_index))
+    single = [donor_index.ids[k] for k in np.flatnonzero(counts == 1)]
+    if single:
+        warnings.warn(
+            f"{source}: field 'obs['{spec.donor_key}']': {len(single)} donor(s) have a single "
+            f"cell: {_preview(single)}; their donor factors rest on one cell",
+            stacklevel=2)
+
+    return SingleCellDataset(
+        source=source, spec=spec, matrices=matrices, rows_of_cell=rows_of_cell,
+        cells=np.arange(ref.n_obs, dtype=np.int64), obs=obs, donor_index=donor_index,
+        donor_codes=donor_codes, covariate_categories=categories_out,
+        covariate_codes=covariate_codes, present=present, size_factors=size_factors,
+        feature_names=feature_names, notes=notes)

@@ -1,0 +1,741 @@
+"""Genotype input: PLINK 1 binary filesets and dosage tables, donor matching, SNP QC.
+
+Every genotype matrix here is donors x SNPs, float64, holding allele dosages in [0, 2]
+(copies of the counted allele) with NaN for a missing call. What an input must hold is
+described in ``data_schemas/genotypes.schema.json``; each reader checks its options
+against that schema and reports problems as :class:`~pyro_livi.errors.InputError`
+naming the file, the field and the fix.
+
+Large PLINK files need not be loaded whole: :class:`PlinkReader` reads any subset of
+SNPs and donors on demand, and :func:`iter_snp_chunks` walks the SNPs in blocks.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import jsonschema
+import numpy as np
+import pandas as pd
+
+from pyro_livi.errors import InputError
+
+SCHEMA_NAME = "genotypes.schema.json"
+
+#: Lower-cased column names that mark a chromosome / position column of a dosage table.
+CHROM_NAMES = ("chr", "chrom", "chromosome", "#chrom")
+POS_NAMES = ("pos", "position", "bp", "bp_position")
+#: Lower-cased column names taken as SNP annotation (not donors) in a snps_x_donors table
+#: when ``annotation_columns`` is not given.
+DEFAULT_ANNOTATION_NAMES = CHROM_NAMES + POS_NAMES + (
+    "cell_type", "gene", "gene_id", "gene_name", "ref", "alt", "a1", "a2",
+    "allele_1", "allele_2",
+)
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
+DUPLICATE_POLICIES = ("error", "make_unique")
+
+
+def genotypes_schema() -> dict:
+    """The JSON Schema of a genotype input (``data_schemas/genotypes.schema.json``)."""
+    text = (resources.files("pyro_livi") / "data_schemas" / SCHEMA_NAME).read_text()
+    return json.loads(text)
+
+
+def _dosage_bounds() -> tuple[float, float]:
+    schema = genotypes_schema()
+    return float(schema["x-dosage-min"]), float(schema["x-dosage-max"])
+
+
+def _validate_descriptor(descriptor: dict, source: str) -> None:
+    """Check reader options against the schema branch of their format."""
+    schema = genotypes_schema()
+    branch = next(b for b in schema["oneOf"]
+                  if b["properties"]["format"]["const"] == descriptor["format"])
+    validator = jsonschema.Draft202012Validator({**branch, "$defs": schema["$defs"]})
+    error = jsonschema.exceptions.best_match(validator.iter_errors(descriptor))
+    if error is None:
+        return
+    name = error.path[0] if error.path else (error.validator_value[0]
+                                             if error.validator == "required" else "")
+    desc = branch["properties"].get(name, {}).get("description")
+    if desc is None and name in ("duplicate_snps",):
+        desc = schema["$defs"]["duplicate_snps"]["description"]
+    raise InputError(source, name or "options", error.message,
+                     f"give a valid value ({desc or branch.get('title')})")
+
+
+# --------------------------------------------------------------------------------------
+# the container
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Genotypes:
+    """Dosages of a set of donors at a set of SNPs.
+
+    Attributes
+    ----------
+    dosages : ndarray, shape (n_donors, n_snps), float64
+        Allele dosage in [0, 2]; NaN marks a missing call.
+    donors : list of str, length n_donors
+        Donor ids, in the row order of ``dosages``.
+    snps : DataFrame, n_snps rows
+        One row per SNP, in the column order of ``dosages``: ``snp`` (unique id, str),
+        ``chrom`` (str or None when unknown), ``pos`` (base-pair position, float, NaN when
+        unknown), then any further annotation columns of the source.
+    source : str
+        Where the genotypes came from (a path), used in error messages.
+    report : dict
+        What the reader did that changed ids (e.g. duplicate SNP ids renamed); empty if
+        nothing.
+    """
+
+    dosages: np.ndarray
+    donors: list[str]
+    snps: pd.DataFrame
+    source: str
+    report: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.source = str(self.source)
+        dos = np.asarray(self.dosages)
+        if dos.ndim != 2:
+            raise InputError(self.source, "dosages", f"expected a 2-D donors x SNPs array, "
+                             f"got shape {dos.shape}", "pass an array of shape "
+                             "(n_donors, n_snps)")
+        if not np.issubdtype(dos.dtype, np.number) or np.issubdtype(dos.dtype, np.complexfloating):
+            raise InputError(self.source, "dosages", f"dtype {dos.dtype} is not real-valued",
+                             "pass numeric dosages in [0, 2] (NaN for a missing call)")
+        self.dosages = np.asarray(dos, dtype=np.float64)
+        self.donors = [str(d) for d in self.donors]
+        if len(self.donors) != self.dosages.shape[0]:
+            raise InputError(self.source, "donors", f"{len(self.donors)} donor ids for "
+                             f"{self.dosages.shape[0]} dosage rows",
+                             "give one donor id per row of dosages")
+        snps = self.snps
+        if isinstance(snps, (list, tuple, np.ndarray, pd.Index)):
+            snps = pd.DataFrame({"snp": list(snps)})
+        snps = snps.reset_index(drop=True).copy()
+        if "snp" not in snps.columns:
+            raise InputError(self.source, "snps", "the SNP table has no 'snp' column",
+                             "give a DataFrame with columns snp, chrom, pos")
+        snps["snp"] = snps["snp"].astype(str)
+        if "chrom" not in snps.columns:
+            snps["chrom"] = None
+        if "pos" not in snps.columns:
+            snps["pos"] = np.nan
+        snps["pos"] = pd.to_numeric(snps["pos"]).astype(np.float64)
+        first = ["snp", "chrom", "pos"]
+        self.snps = snps[first + [c for c in snps.columns if c not in first]]
+        if len(self.snps) != self.dosages.shape[1]:
+            raise InputError(self.source, "snps", f"{len(self.snps)} SNP rows for "
+                             f"{self.dosages.shape[1]} dosage columns",
+                             "give one SNP row per column of dosages")
+        _check_unique(self.donors, self.source, "donor ids",
+                      "give every donor once (remove or rename duplicated donors)")
+        _check_unique(self.snps["snp"].tolist(), self.source, "SNP ids",
+                      "make SNP ids unique (or read with duplicate_snps='make_unique')")
+        _check_dosage_values(self.dosages, self.source, self.donors,
+                             self.snps["snp"].tolist())
+
+    @property
+    def n_donors(self) -> int:
+        return self.dosages.shape[0]
+
+    @property
+    def n_snps(self) -> int:
+        return self.dosages.shape[1]
+
+    def subset(self, donors: Sequence[str] | None = None, snp_index=None) -> "Genotypes":
+        """Restrict (and order) to ``donors`` (ids, all present) and/or ``snp_index``."""
+        rows = slice(None) if donors is None else _donor_positions(self.donors, donors,
+                                                                   self.source)
+        cols = slice(None) if snp_index is None else snp_index
+        return Genotypes(self.dosages[:, cols][rows],
+                         self.donors if donors is None else [str(d) for d in donors],
+                         self.snps.iloc[cols], self.source, dict(self.report))
+
+
+def _check_unique(ids: list[str], source: str, what: str, fix: str) -> None:
+    seen, dups = set(), []
+    for i in ids:
+        if i in seen:
+            dups.append(i)
+        seen.add(i)
+    if dups:
+        raise InputError(source, what, f"{len(dups)} duplicated, e.g. "
+                         f"{sorted(set(dups))[:5]}", fix)
+
+
+def _check_dosage_values(dos: np.ndarray, source: str, donors: list[str],
+                         snps: list[str]) -> None:
+    lo, hi = _dosage_bounds()
+    bad = np.isinf(dos) | (dos < lo) | (dos > hi)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise InputError(source, "dosages", f"{int(bad.sum())} values outside [{lo:g}, "
+                         f"{hi:g}], e.g. {dos[r, c]!r} for donor {donors[r]!r} at SNP "
+                         f"{snps[c]!r}", "dosages must count allele copies (0, 1, 2 or "
+                         "an expected dosage in between); missing calls must be empty/NA")
+
+
+def _donor_positions(have: Sequence[str], want: Sequence[str], source: str) -> np.ndarray:
+    pos = {d: i for i, d in enumerate(have)}
+    missing = [str(d) for d in want if str(d) not in pos]
+    if missing:
+        raise InputError(source, "donors", f"{len(missing)} requested donors have no "
+                         f"genotypes, e.g. {missing[:5]}",
+                         "match donors first (match_donors) or request genotyped donors only")
+    return np.array([pos[str(d)] for d in want], dtype=np.int64)
+
+
+def _dedupe_ids(ids: list[str], policy: str, source: str) -> tuple[list[str], int]:
+    """Apply the duplicate-SNP policy; returns the ids and how many were renamed."""
+    counts: dict[str, int] = {}
+    for i in ids:
+        counts[i] = counts.get(i, 0) + 1
+    dups = [i for i, n in counts.items() if n > 1]
+    if not dups:
+        return ids, 0
+    if policy == "error":
+        raise InputError(source, "SNP ids", f"{len(dups)} SNP ids occur more than once "
+                         f"(e.g. {dups[:5]})", "make SNP ids unique in the file, or read "
+                         "with duplicate_snps='make_unique' (CLI: --duplicate-snps "
+                         "make_unique) to keep each row as its own variant, renamed id#2, "
+                         "id#3, ...")
+    seen: dict[str, int] = {}
+    taken = set(ids)
+    out, renamed = [], 0
+    for i in ids:
+        seen[i] = seen.get(i, 0) + 1
+        if seen[i] == 1:
+            out.append(i)
+            continue
+        k = seen[i]
+        new = f"{i}#{k}"
+        while new in taken:
+            k += 1
+            new = f"{i}#{k}"
+        taken.add(new)
+        out.append(new)
+        renamed += 1
+    return out, renamed
+
+
+# --------------------------------------------------------------------------------------
+# PLINK
+# --------------------------------------------------------------------------------------
+
+
+def _plink_paths(prefix_or_bed) -> tuple[Path, Path, Path]:
+    p = Path(prefix_or_bed)
+    bed = p if p.suffix == ".bed" else Path(str(p) + ".bed")
+    return bed, bed.with_suffix(".fam"), bed.with_suffix(".bim")
+
+
+class PlinkReader:
+    """Lazy access to a PLINK 1 binary fileset (``.bed`` + ``.fam``, ``.bim`` optional).
+
+    Parameters
+    ----------
+    prefix_or_bed : path
+        ``data/chr22`` or ``data/chr22.bed``.
+    variant_count : int, optional
+        Number of SNPs; required when there is no ``.bim`` (SNP ids then are the 0-based
+        indices ``"0", "1", ...``), checked against the ``.bim`` and the file size
+        otherwise.
+    duplicate_snps : {"error", "make_unique"}
+        Policy for SNP ids occurring more than once in the ``.bim``.
+
+    Attributes
+    ----------
+    donors : list of str
+        The ``.fam`` IID column (2nd column).
+    snps : DataFrame
+        ``snp, chrom, pos, allele_1, allele_2`` (from the ``.bim``; dosages count
+        ``allele_1``); chromosome ``"0"`` and position 0 (PLINK's "unknown") become
+        None / NaN.
+    """
+
+    def __init__(self, prefix_or_bed, *, variant_count: int | None = None,
+                 duplicate_snps: Literal["error", "make_unique"] = "error"):
+        from bed_reader import open_bed
+
+        bed, fam, bim = _plink_paths(prefix_or_bed)
+        self.source = str(bed)
+        if not bed.exists():
+            raise InputError(bed, "bed", "file not found", "pass an existing PLINK prefix "
+                             "(path without extension) or .bed path")
+        if not fam.exists():
+            raise InputError(fam, "fam", "file not found beside the .bed", "put the .fam "
+                             "(one line per donor: FID IID father mother sex phenotype) "
+                             "next to the .bed with the same stem")
+        has_bim = bim.exists()
+        descriptor = {"format": "plink", "bed": str(bed), "fam": str(fam),
+                      "bim": str(bim) if has_bim else None, "variant_count": variant_count,
+                      "duplicate_snps": duplicate_snps}
+        if variant_count is not None and not isinstance(variant_count, (int, np.integer)):
+            raise InputError(bed, "variant_count", f"{variant_count!r} is not an integer",
+                             "pass the number of SNPs as an integer")
+        if variant_count is not None:
+            descriptor["variant_count"] = int(variant_count)
+        n_donors = _count_lines(fam)
+        if n_donors == 0:
+            raise InputError(fam, "fam", "no donors (empty file)", "give a .fam with one "
+                             "line per donor")
+        bytes_per_snp = math.ceil(n_donors / 4)
+        size = bed.stat().st_size
+        implied = (size - 3) / bytes_per_snp
+        if not has_bim and variant_count is None:
+            hint = (f" (the file size implies {int(implied)})" if implied == int(implied)
+                    else "")
+            raise InputError(bed, "variant_count", "there is no .bim beside the .bed, so "
+                             "the number of SNPs is unknown", "pass variant_count=N "
+                             f"(CLI: --variant-count N){hint}, or add the .bim")
+        _validate_descriptor(descriptor, self.source)
+        with open(bed, "rb") as fh:
+            magic = fh.read(3)
+        if magic != b"\x6c\x1b\x01":
+            raise InputError(bed, "bed", f"not a SNP-major PLINK 1 .bed (magic bytes "
+                             f"{magic.hex()})", "convert with plink --make-bed")
+        self._bed = open_bed(bed, iid_count=n_donors,
+                             sid_count=None if has_bim else int(variant_count))
+        n_snps = self._bed.sid_count
+        if variant_count is not None and int(variant_count) != n_snps:
+            raise InputError(bed, "variant_count", f"variant_count={variant_count} but the "
+                             f".bim lists {n_snps} SNPs", "drop variant_count or fix it")
+        if size != 3 + bytes_per_snp * n_snps:
+            raise InputError(bed, "bed", f"file size {size} bytes does not fit {n_donors} "
+                             f"donors x {n_snps} SNPs (expected "
+                             f"{3 + bytes_per_snp * n_snps})", "check variant_count / "
+                             "the .bim and .fam belong to this .bed"
+                             + (f"; the size implies {int(implied)} SNPs"
+                                if implied == int(implied) else ""))
+        self.donors = [str(i) for i in self._bed.iid]
+        _check_unique(self.donors, fam, "IID", "give every donor a unique IID (2nd "
+                      "column of the .fam)")
+        report: dict = {}
+        if has_bim:
+            ids = [str(s) for s in self._bed.sid]
+            ids, renamed = _dedupe_ids(ids, duplicate_snps, str(bim))
+            if renamed:
+                report["n_duplicate_snp_ids_renamed"] = renamed
+            chrom = [None if str(c) in ("0", "") else str(c) for c in self._bed.chromosome]
+            pos = np.asarray(self._bed.bp_position, dtype=np.float64)
+            pos[pos <= 0] = np.nan
+            self.snps = pd.DataFrame({"snp": ids, "chrom": chrom, "pos": pos,
+                                      "allele_1": [str(a) for a in self._bed.allele_1],
+                                      "allele_2": [str(a) for a in self._bed.allele_2]})
+        else:
+            self.snps = pd.DataFrame({"snp": [str(i) for i in range(n_snps)],
+                                      "chrom": [None] * n_snps,
+                                      "pos": np.full(n_snps, np.nan)})
+            report["snp_ids"] = "0-based indices (no .bim)"
+        self.report = report
+
+    @property
+    def n_donors(self) -> int:
+        return len(self.donors)
+
+    @property
+    def n_snps(self) -> int:
+        return len(self.snps)
+
+    def read(self, snp_index=None, donors: Sequence[str] | None = None) -> Genotypes:
+        """Dosages of ``donors`` (ids, in that order; default all) at ``snp_index``.
+
+        ``snp_index``: a slice, an integer array or a boolean mask over the SNPs
+        (default all).
+        """
+        cols = slice(None) if snp_index is None else snp_index
+        if isinstance(cols, np.ndarray) and cols.dtype == bool:
+            cols = np.flatnonzero(cols)
+        if donors is None:
+            rows, ids = slice(None), self.donors
+        else:
+            rows, ids = _donor_positions(self.donors, donors, self.source), list(donors)
+        dos = self._bed.read(index=np.s_[rows, cols], dtype="float64", order="C")
+        return Genotypes(dos, ids, self.snps.iloc[cols], self.source, dict(self.report))
+
+    def close(self) -> None:
+        self._bed.__exit__(None, None, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def read_plink(prefix_or_bed, *, variant_count: int | None = None, sid_index=None,
+               duplicate_snps: Literal["error", "make_unique"] = "error") -> Genotypes:
+    """Read a PLINK 1 binary fileset into memory (see :class:`PlinkReader`).
+
+    ``sid_index`` (slice, integer array or boolean mask) reads a subset of SNPs only.
+    Dosages count ``allele_1`` of the ``.bim`` (bed-reader's ``count_A1=True``).
+    """
+    reader = PlinkReader(prefix_or_bed, variant_count=variant_count,
+                         duplicate_snps=duplicate_snps)
+    try:
+        return reader.read(sid_index)
+    finally:
+        reader.close()
+
+
+# --------------------------------------------------------------------------------------
+# dosage tables
+# --------------------------------------------------------------------------------------
+
+
+def _table_sep(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    if not suffixes or suffixes[-1] not in TABLE_SUFFIXES:
+        raise InputError(path, "path", "unknown table format", "use .csv / .csv.gz "
+                         "(comma-separated) or .tsv / .txt (.gz) (tab-separated)")
+    return TABLE_SUFFIXES[suffixes[-1]]
+
+
+def _raw_header(path: Path, sep: str) -> list[str]:
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rt", newline="") as fh:
+        return next(csv.reader(fh, delimiter=sep), [])
+
+
+def read_dosage_table(path, *, orientation: Literal["snps_x_donors", "donors_x_snps"] | None = None,
+                      snp_id_column: str = "snp_id", donor_id_column: str | None = None,
+                      annotation_columns: Sequence[str] | None = None,
+                      duplicate_snps: Literal["error", "make_unique"] = "error") -> Genotypes:
+    """Read a CSV/TSV dosage table (gzip or not; separator from the extension).
+
+    ``orientation="snps_x_donors"``: rows are SNPs; ``snp_id_column`` holds the SNP ids,
+    the annotation columns (default: the recognised names listed in the schema, e.g.
+    ``CHR``, ``POS``, ``gene_id``, ``cell_type``) describe the SNP and every other column
+    is a donor. ``orientation="donors_x_snps"``: rows are donors; ``donor_id_column``
+    (default the first column) holds donor ids and every other non-annotation column is
+    a SNP. Empty / NA cells are missing calls (NaN); any other non-numeric value or a
+    value outside [0, 2] is an InputError naming the column.
+    """
+    path = Path(path)
+    source = str(path)
+    if orientation is None:
+        raise InputError(path, "orientation", "the orientation of the dosage table is not "
+                         "given", "pass orientation='snps_x_donors' (one row per SNP) or "
+                         "'donors_x_snps' (one row per donor); CLI: --dosage-orientation")
+    descriptor = {"format": "dosage_table", "path": str(path), "orientation": orientation,
+                  "snp_id_column": snp_id_column, "donor_id_column": donor_id_column,
+                  "annotation_columns": None if annotation_columns is None
+                  else list(annotation_columns), "duplicate_snps": duplicate_snps}
+    _validate_descriptor(descriptor, source)
+    if not path.exists():
+        raise InputError(path, "path", "file not found", "pass an existing dosage table")
+    sep = _table_sep(path)
+    header = _raw_header(path, sep)
+    if not header:
+        raise InputError(path, "header", "the file is empty", "give a table with a header")
+    _check_unique(header, source, "header columns", "give every column a unique name")
+    table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=True)
+    if list(table.columns) != header:
+        raise InputError(path, "header", "rows have more fields than the header",
+                         "check the separator (comma for .csv, tab for .tsv/.txt)")
+    report: dict = {}
+    if orientation == "snps_x_donors":
+        if snp_id_column not in table.columns:
+            raise InputError(path, snp_id_column, f"no such column (columns start "
+                             f"{header[:8]})", "pass snp_id_column=<the SNP id column>")
+        if annotation_columns is None:
+            annot = [c for c in header if c != snp_id_column
+                     and c.strip().lower() in DEFAULT_ANNOTATION_NAMES]
+        else:
+            annot = [c for c in annotation_columns if c != snp_id_column]
+            missing = [c for c in annot if c not in table.columns]
+            if missing:
+                raise InputError(path, "annotation_columns", f"columns {missing} not in "
+                                 "the table", "list existing columns only")
+        value_cols = [c for c in header if c != snp_id_column and c not in annot]
+        if not value_cols:
+            raise InputError(path, "donor columns", "no donor columns left after the SNP "
+                             "id and annotation columns", "check annotation_columns")
+        if table[snp_id_column].isna().any():
+            row = int(np.flatnonzero(table[snp_id_column].isna())[0])
+            raise InputError(path, snp_id_column, f"empty SNP id in data row {row + 1}",
+                             "give every SNP an id")
+        values = _numeric_block(table, value_cols, path, lambda r: table[snp_id_column].iat[r])
+        ids, renamed = _dedupe_ids(table[snp_id_column].tolist(), duplicate_snps, source)
+        if renamed:
+            report["n_duplicate_snp_ids_renamed"] = renamed
+        snps = pd.DataFrame({"snp": ids})
+        chrom_col = next((c for c in annot if c.strip().lower() in CHROM_NAMES), None)
+        pos_col = next((c for c in annot if c.strip().lower() in POS_NAMES), None)
+        snps["chrom"] = (table[chrom_col].where(table[chrom_col].notna(), None).tolist()
+                         if chrom_col else None)
+        if pos_col:
+            pos = pd.to_numeric(table[pos_col], errors="coerce")
+            bad = pos.isna() & table[pos_col].notna()
+            if bad.any():
+                r = int(np.flatnonzero(bad)[0])
+                raise InputError(path, pos_col, f"non-numeric position "
+                                 f"{table[pos_col].iat[r]!r} in data row {r + 1}",
+                                 "give base-pair positions as integers (empty if unknown)")
+            snps["pos"] = pos.to_numpy(np.float64)
+        else:
+            snps["pos"] = np.nan
+        for c in annot:
+            if c not in (chrom_col, pos_col):
+                snps[c] = table[c].to_numpy()
+        return Genotypes(values.T, value_cols, snps, source, report)
+
+    # donors_x_snps
+    id_col = donor_id_column if donor_id_column is not None else header[0]
+    if id_col not in table.columns:
+        raise InputError(path, id_col, f"no such column (columns start {header[:8]})",
+                         "pass donor_id_column=<the donor id column>")
+    annot = [c for c in (annotation_columns or []) if c != id_col]
+    missing = [c for c in annot if c not in table.columns]
+    if missing:
+        raise InputError(path, "annotation_columns", f"columns {missing} not in the table",
+                         "list existing columns only")
+    value_cols = [c for c in header if c != id_col and c not in annot]
+    if not value_cols:
+        raise InputError(path, "SNP columns", "no SNP columns", "give one column per SNP")
+    if table[id_col].isna().any():
+        row = int(np.flatnonzero(table[id_col].isna())[0])
+        raise InputError(path, id_col, f"empty donor id in data row {row + 1}",
+                         "give every donor an id")
+    values = _numeric_block(table, value_cols, path, lambda r: table[id_col].iat[r])
+    ids, renamed = _dedupe_ids(value_cols, duplicate_snps, source)
+    if renamed:
+        report["n_duplicate_snp_ids_renamed"] = renamed
+    snps = pd.DataFrame({"snp": ids, "chrom": [None] * len(ids), "pos": np.nan})
+    return Genotypes(values, table[id_col].tolist(), snps, source, report)
+
+
+def _numeric_block(table: pd.DataFrame, cols: list[str], path: Path, row_name) -> np.ndarray:
+    """Columns ``cols`` as float64; non-numeric or out-of-range cells -> InputError."""
+    lo, hi = _dosage_bounds()
+    raw = table[cols]
+    num = raw.apply(pd.to_numeric, errors="coerce")
+    bad = num.isna().to_numpy() & raw.notna().to_numpy()
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise InputError(path, cols[c], f"non-numeric dosage {raw.iat[r, c]!r} (row "
+                         f"{row_name(r)!r}); {int(bad[:, c].sum())} such cells in this "
+                         "column", f"dosages must be numbers in [{lo:g}, {hi:g}], missing "
+                         "calls empty or NA; if this column is not a dosage column, list "
+                         "it in annotation_columns")
+    values = num.to_numpy(np.float64)
+    out = np.isinf(values) | (values < lo) | (values > hi)
+    if out.any():
+        r, c = np.argwhere(out)[0]
+        raise InputError(path, cols[c], f"dosage {values[r, c]!r} outside [{lo:g}, {hi:g}] "
+                         f"(row {row_name(r)!r}); {int(out[:, c].sum())} such cells in "
+                         "this column", "dosages must count allele copies (0..2)")
+    return values
+
+
+# --------------------------------------------------------------------------------------
+# dispatch and chunks
+# --------------------------------------------------------------------------------------
+
+
+def is_plink(path) -> bool:
+    """True for a ``.bed`` path or a prefix with a ``.bed`` beside it."""
+    p = Path(path)
+    return p.suffix == ".bed" or Path(str(p) + ".bed").exists()
+
+
+def open_genotypes(path, *, variant_count: int | None = None,
+                   duplicate_snps: Literal["error", "make_unique"] = "error",
+                   **table_options) -> "PlinkReader | Genotypes":
+    """A lazy :class:`PlinkReader` for PLINK input, an in-memory :class:`Genotypes` for a
+    dosage table (``table_options`` go to :func:`read_dosage_table`)."""
+    if is_plink(path):
+        if table_options:
+            raise InputError(path, "options", f"options {sorted(table_options)} apply to "
+                             "dosage tables, not PLINK", "drop them")
+        return PlinkReader(path, variant_count=variant_count, duplicate_snps=duplicate_snps)
+    if variant_count is not None:
+        raise InputError(path, "variant_count", "variant_count applies to PLINK .bed input "
+                         "only", "drop it for a dosage table")
+    p = Path(path)
+    name = p.name.lower()
+    if not any(name.endswith(s) or name.endswith(s + ".gz") for s in TABLE_SUFFIXES):
+        raise InputError(path, "path", "neither a PLINK .bed / prefix (no .bed found) nor a "
+                         ".csv/.tsv/.txt(.gz) dosage table", "pass a PLINK prefix or .bed, "
+                         "or a dosage table")
+    return read_dosage_table(path, duplicate_snps=duplicate_snps, **table_options)
+
+
+def read_genotypes(path, **options) -> Genotypes:
+    """Read genotypes into memory, dispatching on the path.
+
+    ``.bed`` or a prefix with a ``.bed`` beside it -> :func:`read_plink` (options
+    ``variant_count``, ``sid_index``, ``duplicate_snps``); ``.csv/.tsv/.txt(.gz)`` ->
+    :func:`read_dosage_table` (options ``orientation``, ...).
+    """
+    if is_plink(path):
+        return read_plink(path, **options)
+    source = open_genotypes(path, **options)
+    return source
+
+
+def iter_snp_chunks(source, chunk_size: int, donors: Sequence[str] | None = None, *,
+                    variant_count: int | None = None, **table_options) -> Iterator[Genotypes]:
+    """Yield consecutive blocks of at most ``chunk_size`` SNPs as :class:`Genotypes`.
+
+    ``source``: a path (PLINK blocks are read from disk one at a time), a
+    :class:`PlinkReader` or a :class:`Genotypes`. ``donors``: ids (all genotyped) giving
+    the rows and their order; default all donors.
+    """
+    if chunk_size < 1:
+        raise InputError("chunk_size", "chunk_size", f"{chunk_size} < 1", "use chunk_size >= 1")
+    own = False
+    if isinstance(source, (str, Path)):
+        source = open_genotypes(source, variant_count=variant_count, **table_options)
+        own = isinstance(source, PlinkReader)
+    try:
+        for start in range(0, source.n_snps, chunk_size):
+            sl = slice(start, min(start + chunk_size, source.n_snps))
+            if isinstance(source, PlinkReader):
+                yield source.read(sl, donors)
+            else:
+                yield source.subset(donors, sl)
+    finally:
+        if own:
+            source.close()
+
+
+# --------------------------------------------------------------------------------------
+# donors and QC
+# --------------------------------------------------------------------------------------
+
+
+def match_donors(genotypes, donor_ids: Sequence, *, source: str = "expression data"):
+    """Restrict genotypes to ``donor_ids`` that have genotypes, in the order of ``donor_ids``.
+
+    ``genotypes``: a :class:`Genotypes` (returned restricted) or a :class:`PlinkReader`
+    (returned as is; use the report's ``matched`` list as ``donors`` when reading).
+
+    Returns ``(genotypes, report)``, report keys: ``n_expression_donors``,
+    ``n_genotyped``, ``n_matched``, ``matched`` (ids, in order), ``unmatched_expression``
+    (ids without genotypes), ``unmatched_genotype`` (count of genotyped donors not
+    requested). No match at all -> InputError with examples of both id sets.
+    """
+    ids = [str(d) for d in donor_ids]
+    _check_unique(ids, source, "donor ids", "give every donor once")
+    have = set(genotypes.donors)
+    matched = [d for d in ids if d in have]
+    wanted = set(ids)
+    report = {
+        "n_expression_donors": len(ids),
+        "n_genotyped": len(genotypes.donors),
+        "n_matched": len(matched),
+        "matched": matched,
+        "unmatched_expression": [d for d in ids if d not in have],
+        "unmatched_genotype": sum(1 for d in genotypes.donors if d not in wanted),
+    }
+    if not matched:
+        raise InputError(genotypes.source, "donor ids", f"none of the {len(ids)} donors of "
+                         f"{source} has genotypes: {source} ids look like {ids[:5]}, "
+                         f"genotype ids look like {list(genotypes.donors)[:5]}",
+                         "use the same donor ids in both (e.g. the .fam IID column, or "
+                         "the header of the dosage table)")
+    if isinstance(genotypes, Genotypes):
+        return genotypes.subset(matched), report
+    return genotypes, report
+
+
+@dataclass
+class QCBlock:
+    """Result of :func:`qc_dosage_block` on one block of SNPs.
+
+    ``keep``: bool (n_snps,), SNPs passing QC; ``dosages``: (n_donors, keep.sum()) with
+    missing calls mean-imputed; ``counts``: exclusions and imputed calls.
+    """
+
+    keep: np.ndarray
+    dosages: np.ndarray
+    counts: dict
+
+
+def qc_dosage_block(dosages: np.ndarray, maf: float) -> QCBlock:
+    """QC one donors x SNPs block (see :func:`quality_control` for the rules)."""
+    if not 0.0 <= maf < 0.5:
+        raise InputError("maf", "maf", f"{maf} is not in [0, 0.5)", "use e.g. maf=0.05")
+    dos = np.asarray(dosages, dtype=np.float64)
+    miss = np.isnan(dos)
+    n_obs = (~miss).sum(axis=0)
+    all_missing = n_obs == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(all_missing, np.nan, np.nansum(dos, axis=0) / np.maximum(n_obs, 1))
+        lo = np.where(all_missing, np.nan, np.nanmin(np.where(miss, np.inf, dos), axis=0))
+        hi = np.where(all_missing, np.nan, np.nanmax(np.where(miss, -np.inf, dos), axis=0))
+    mono = ~all_missing & (hi == lo)
+    freq = mean / 2.0
+    minor = np.minimum(freq, 1.0 - freq)
+    low = ~all_missing & ~mono & (minor < maf)
+    keep = ~all_missing & ~mono & ~low
+    kept = dos[:, keep]
+    kmiss = miss[:, keep]
+    n_imputed = int(kmiss.sum())
+    if n_imputed:
+        kept = np.where(kmiss, mean[keep][None, :], kept)
+    counts = {
+        "n_snps_in": int(dos.shape[1]),
+        "n_all_missing": int(all_missing.sum()),
+        "n_monomorphic": int(mono.sum()),
+        "n_low_maf": int(low.sum()),
+        "n_snps_kept": int(keep.sum()),
+        "n_missing_calls": int(miss.sum()),
+        "n_imputed_calls": n_imputed,
+    }
+    return QCBlock(keep, np.ascontiguousarray(kept), counts)
+
+
+def merge_qc_counts(total: dict | None, counts: dict) -> dict:
+    """Add the counts of one block to a running total."""
+    if total is None:
+        return dict(counts)
+    return {k: total[k] + counts[k] for k in total}
+
+
+def quality_control(genotypes: Genotypes, *, maf: float = 0.05) -> tuple[Genotypes, dict]:
+    """SNP QC on the donors present in ``genotypes``.
+
+    Per SNP: drop it when every call is missing; drop it when its observed calls show
+    no variation (monomorphic, zero variance); drop it when its minor-allele frequency
+    ``min(f, 1 - f)``, ``f = mean observed dosage / 2``, is below ``maf``; otherwise
+    replace its missing calls by its mean observed dosage. Each exclusion is counted.
+
+    Returns the QC'd genotypes (no NaN) and a report with ``n_snps_in``,
+    ``n_all_missing``, ``n_monomorphic``, ``n_low_maf``, ``n_snps_kept``,
+    ``n_missing_calls``, ``n_imputed_calls``, ``maf``, ``n_donors`` and examples
+    (up to 5 ids) of each exclusion.
+    """
+    block = qc_dosage_block(genotypes.dosages, maf)
+    report = dict(block.counts)
+    report["maf"] = maf
+    report["n_donors"] = genotypes.n_donors
+    dos = genotypes.dosages
+    n_obs = (~np.isnan(dos)).sum(axis=0)
+    ids = genotypes.snps["snp"].to_numpy()
+    all_missing = n_obs == 0
+    report["examples_all_missing"] = ids[all_missing][:5].tolist()
+    dropped = ~block.keep & ~all_missing
+    report["examples_dropped_monomorphic_or_low_maf"] = ids[dropped][:5].tolist()
+    out = Genotypes(block.dosages, genotypes.donors, genotypes.snps.iloc[block.keep],
+                    genotypes.source, dict(genotypes.report))
+    return out, report

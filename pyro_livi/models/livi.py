@@ -1,0 +1,200 @@
+"""LIVI: Latent Interaction Variational Inference (seed 001, "The original LIVI model", eq. 2-4).
+
+Generative model, for cell i of donor y(i) with counts x_i over G genes::
+
+    d_y ~ Normal(0, I_{K_DxC}),  v_y ~ Normal(0, I_{K_V})          donor plate
+    c_i ~ Normal(0, I_{K_C})                                       cell plate
+    s_i = link(c_i)                          (softmax by default, DESIGN section 3)
+    A   = sigmoid(A_logits)                                        K_C x K_DxC
+    z_i = (s_i A) * d_y(i)                                         eq. 2
+    l_i = s_i W_C + z_i W_DxC + v_y(i) W_V + sum_k offset_k[cov_ik]  eq. 3 (bias-free)
+    mu_i = softmax(l_i) * size_factor_i
+    x_i ~ Likelihood(mu_i, theta)            ("nb" by default; any registered name)
+
+Loss (eq. 4) = -ELBO + lambda_DxC * sum|W_DxC| + lambda_A * sum (A (1 - A))^2, with the
+penalty weights in the reference's per-cell units (multiplied by n_cells here, because Pyro
+sums the ELBO over cells where the reference averages it).
+
+Guide: c_i ~ Normal(encoder(x_i)); d_y, v_y ~ Delta(loc) (MAP, default) or Normal(loc, scale).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam, pyro_method
+
+from ..data.batch import Batch
+from ..likelihoods import get_likelihood
+from ..nn import GaussianEncoder
+from ._base import ZooModel
+
+LINKS = {
+    "softmax": lambda c: torch.softmax(c, dim=-1),
+    "identity": lambda c: c,
+}
+
+
+class LIVI(ZooModel):
+    """LIVI as an explicit Pyro model/guide pair.
+
+    Parameters
+    ----------
+    n_genes, n_donors : sizes of the data (G, N_y).
+    n_covariate_categories : number of categories of each categorical covariate; each gets a
+        per-gene offset table of shape (n_categories, G).
+    n_cell_state, n_dxc, n_persistent : K_C, K_DxC, K_V.
+    encoder_hidden : widths of the encoder's MLP blocks.
+    likelihood : registered likelihood name for ``obs_rna`` (see :mod:`pyro_livi.likelihoods`).
+    link : "softmax" (reference) or "identity" (the paper's ``W_C c``).
+    donor_guide : "delta" (point estimates, default) or "normal" (posterior uncertainty).
+    l1_weight, a_weight : penalty weights, per cell (reference units).
+    batch_norm : BatchNorm over genes before the softmax (reference option, off by default).
+    counts_sample : optional dense (n, G) count sample for data-driven likelihood initialisation.
+    """
+
+    modalities = ("rna",)
+    #: parameter-name prefix -> parameter group (what a training stage trains or freezes)
+    param_groups = {
+        "encoder": "encoder",
+        "W_C": "cell_state",
+        "cov_offset": "cell_state",
+        "lik_": "cell_state",
+        "head_": "cell_state",
+        "bn": "cell_state",
+        "V_": "persistent",
+        "W_V": "persistent",
+        "D_": "interaction",
+        "A_logits": "interaction",
+        "W_DxC": "interaction",
+    }
+    components_all = ("persistent", "interaction")
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_donors: int,
+        *,
+        n_covariate_categories: Sequence[int] = (),
+        n_cell_state: int = 15,
+        n_dxc: int = 100,
+        n_persistent: int = 5,
+        encoder_hidden: Sequence[int] = (128,),
+        encoder_input: str = "log1p",
+        likelihood: str = "nb",
+        link: str = "softmax",
+        donor_guide: str = "delta",
+        l1_weight: float = 1e-3,
+        a_weight: float = 1e-3,
+        batch_norm: bool = False,
+        counts_sample=None,
+        name: str | None = None,
+    ):
+        if link not in LINKS:
+            raise ValueError(f"link must be one of {sorted(LINKS)}, got {link!r}")
+        if donor_guide not in ("delta", "normal"):
+            raise ValueError(f"donor_guide must be 'delta' or 'normal', got {donor_guide!r}")
+        super().__init__(name=name)
+        self.config = dict(
+            n_genes=n_genes, n_donors=n_donors, n_covariate_categories=list(n_covariate_categories),
+            n_cell_state=n_cell_state, n_dxc=n_dxc, n_persistent=n_persistent,
+            encoder_hidden=list(encoder_hidden), encoder_input=encoder_input, likelihood=likelihood,
+            link=link, donor_guide=donor_guide, l1_weight=l1_weight, a_weight=a_weight,
+            batch_norm=batch_norm,
+        )
+        self.n_genes, self.n_donors = n_genes, n_donors
+        self.n_cell_state, self.n_dxc, self.n_persistent = n_cell_state, n_dxc, n_persistent
+        self.link = LINKS[link]
+        self.donor_guide = donor_guide
+        self.l1_weight, self.a_weight = l1_weight, a_weight
+
+        self.encoder = GaussianEncoder(n_genes, n_cell_state, encoder_hidden, encoder_input)
+        bound = n_cell_state ** -0.5
+        self.W_C = PyroParam(torch.empty(n_cell_state, n_genes).uniform_(-bound, bound))
+        self.W_DxC = PyroParam(0.1 * torch.randn(n_dxc, n_genes))
+        self.W_V = PyroParam(0.1 * torch.randn(n_persistent, n_genes))
+        self.A_logits = PyroParam(torch.randn(n_cell_state, n_dxc))
+        self.D_loc = PyroParam(0.1 * torch.randn(n_donors, n_dxc))
+        self.V_loc = PyroParam(0.1 * torch.randn(n_donors, n_persistent))
+        if donor_guide == "normal":
+            self.D_scale = PyroParam(torch.full((n_donors, n_dxc), 0.1), constraint=constraints.positive)
+            self.V_scale = PyroParam(torch.full((n_donors, n_persistent), 0.1), constraint=constraints.positive)
+        self.n_covariates = len(n_covariate_categories)
+        for k, n_cat in enumerate(n_covariate_categories):
+            setattr(self, f"cov_offset_{k}", PyroParam(torch.zeros(n_cat, n_genes)))
+        self.bn = PyroModule[torch.nn.BatchNorm1d](n_genes) if batch_norm else None
+        self.likelihoods = {"rna": get_likelihood(likelihood)}
+        self._init_likelihood_params("rna", n_genes, n_cell_state, counts_sample)
+
+    # ----------------------------------------------------------------- pieces of eq. 2-3
+    @property
+    def A(self) -> torch.Tensor:
+        """Cell-state x interaction assignment matrix, sigmoid(A_logits), (K_C, K_DxC)."""
+        return torch.sigmoid(self.A_logits)
+
+    def _logits(self, s: torch.Tensor, batch: Batch, D=None, V=None) -> torch.Tensor:
+        """Per-gene logits l_i (B, G) of eq. 3 from s = link(c) (B, K_C)."""
+        logits = s @ self.W_C
+        if D is not None:
+            z = (s @ self.A) * D[batch.donor]  # eq. 2
+            logits = logits + z @ self.W_DxC
+        if V is not None:
+            logits = logits + V[batch.donor] @ self.W_V
+        for k in range(self.n_covariates):
+            logits = logits + getattr(self, f"cov_offset_{k}")[batch.covariates[:, k]]
+        if self.bn is not None:
+            logits = self.bn(logits)
+        return logits
+
+    # ----------------------------------------------------------------------- model / guide
+    @pyro_method
+    def model(self, batch: Batch, observed: bool = True):
+        D = V = None
+        with pyro.plate("donors", self.n_donors):
+            if "persistent" in self.components:
+                V = pyro.sample("V", dist.Normal(self.W_V.new_zeros(self.n_persistent), 1.0).to_event(1))
+            if "interaction" in self.components:
+                D = pyro.sample("D", dist.Normal(self.W_DxC.new_zeros(self.n_dxc), 1.0).to_event(1))
+        with pyro.plate("cells", batch.n_cells, subsample=batch.index):
+            c = pyro.sample("c", dist.Normal(self.W_C.new_zeros(self.n_cell_state), 1.0).to_event(1))
+            s = self.link(c)
+            mean = torch.softmax(self._logits(s, batch, D, V), dim=-1) * batch.size_factor["rna"][:, None]
+            self._observe("rna", mean, s, batch, observed)
+        if D is not None:
+            A = self.A
+            pyro.factor("penalty_l1_W_DxC", -batch.n_cells * self.l1_weight * self.W_DxC.abs().sum())
+            pyro.factor("penalty_A", -batch.n_cells * self.a_weight * ((A * (1 - A)) ** 2).sum())
+
+    @pyro_method
+    def guide(self, batch: Batch, observed: bool = True):
+        with pyro.plate("donors", self.n_donors):
+            if "persistent" in self.components:
+                pyro.sample("V", self._donor_posterior("V"))
+            if "interaction" in self.components:
+                pyro.sample("D", self._donor_posterior("D"))
+        with pyro.plate("cells", batch.n_cells, subsample=batch.index):
+            loc, scale = self.encoder(batch.x["rna"])
+            pyro.sample("c", dist.Normal(loc, scale).to_event(1))
+
+    def _donor_posterior(self, name: str):
+        loc = getattr(self, f"{name}_loc")
+        if self.donor_guide == "delta":
+            return dist.Delta(loc).to_event(1)
+        return dist.Normal(loc, getattr(self, f"{name}_scale")).to_event(1)
+
+    # ------------------------------------------------------------------- posterior summaries
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior (loc, scale) of the cell state c, each (B, K_C)."""
+        return self.encoder(batch.x["rna"])
+
+    def donor_factors(self) -> dict[str, torch.Tensor]:
+        """Posterior means of the donor factors: {"D": (N_y, K_DxC), "V": (N_y, K_V)}."""
+        return {"D": self.D_loc.detach(), "V": self.V_loc.detach()}
+
+    def loadings(self) -> dict[str, torch.Tensor]:
+        """Decoder gene loadings: {"W_C": (K_C, G), "W_DxC": (K_DxC, G), "W_V": (K_V, G)}."""
+        return {"W_C": self.W_C.detach(), "W_DxC": self.W_DxC.detach(), "W_V": self.W_V.detach()}

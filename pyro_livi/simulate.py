@@ -1,0 +1,790 @@
+"""Simulate a population single-cell dataset from LIVI's own generative process.
+
+The simulator draws donors with genotypes, plants genetic effects on the donor factors, and
+then draws single-cell counts from the LIVI decoder (seed 001, eq. 2-3; DESIGN.md section 3)
+with a negative-binomial likelihood. Every latent quantity is kept as the truth, so that a
+fit can be scored against it.
+
+Generative process (G genes, N_y donors, N cells, y(i) the donor of cell i)::
+
+    genotypes     g_yk ~ Binomial(2, maf_k),  maf_k ~ Uniform(maf_min, maf_max)
+    donor factors d_j = standardise( sum_s sqrt(h2_D / m) * std(g_s) + sqrt(1 - h2_D) * e_j )
+                  (s over the m causal SNPs of factor j, e_j ~ N(0, I)); likewise v_j with h2_V
+    cell state    c_i = mu_{type(i)} + eps_i                      (K_C)
+    interaction   z_i = (softmax(c_i) @ A) * d_{y(i)}             (K_DxC; eq. 2)
+    logits        l_i = b + softmax(c_i) @ W_C + z_i @ W_DxC + v_{y(i)} @ W_V   (G)
+    mean          mu_i = softmax(l_i) * L_i,   L_i ~ LogNormal(log median_library, library_sigma)
+    counts        x_ig ~ NB(mean mu_ig, inverse dispersion theta_g)
+                  (Gamma-Poisson: lambda ~ Gamma(theta_g, mu_ig / theta_g), x ~ Poisson(lambda);
+                  variance mu + mu^2 / theta)
+
+An optional protein modality uses the same c, z and v with its own loadings, baseline,
+dispersions and library size.
+
+Randomness: one integer seed feeds :class:`numpy.random.SeedSequence`, which is split into one
+independent stream per component (genotypes, genetics, cells, loadings, counts, proteins).
+Hence the same seed always gives the same data, and switching the protein modality on or off
+leaves the genotypes, the donor factors and the RNA counts unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from pyro_livi.errors import InputError
+
+#: Number of cells whose counts are drawn at once (bounds memory; fixed so that results do not
+#: depend on it).
+_CHUNK_CELLS = 4096
+
+#: Names of the independent random streams split off the seed, in a fixed order.
+_STREAMS = ("genotypes", "genetics", "cells", "loadings", "counts", "proteins")
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimulationConfig:
+    """Every parameter of the simulator, with its unit.
+
+    Population and genetics
+        n_donors: number of donors N_y (ignored when real genotypes are given: their rows).
+        n_snps: number of simulated SNPs (ignored when real genotypes are given).
+        maf_min, maf_max: the allele frequency of each simulated SNP is Uniform(maf_min, maf_max);
+            with maf_max <= 0.5 the counted allele a1 is the minor allele.
+        causal_maf_min: a SNP can be causal only if its sample minor allele frequency is at
+            least this (avoids near-monomorphic causal SNPs with few donors).
+        h2_d: fraction of each D factor's variance explained by its causal SNP(s), in [0, 1];
+            0 plants no effect on D.
+        h2_v: the same for each V factor.
+        n_causal_per_factor: causal SNPs per factor (m); each explains h2 / m. All causal SNPs,
+            over all factors, are distinct.
+
+    Latent dimensions
+        k_c: cell-state dimension K_C.
+        k_dxc: number of donor x cell-state factors K_DxC (columns of D and of A).
+        k_v: number of persistent donor factors K_V.
+
+    Cells
+        cells_per_donor: mean number of cells per donor.
+        vary_cells_per_donor: True draws each donor's cell count from Poisson(cells_per_donor)
+            (at least 1); False gives every donor round(cells_per_donor) cells.
+        n_cell_types: number of cell types T (T <= k_c); type t is cell-state dimension t.
+        cell_type_proportions: probabilities of the T types (None: equal).
+        state_strength: centroid of type t has this value on dimension t, 0 elsewhere.
+        centroid_jitter: sd of fixed random offsets added to every centroid entry.
+        sigma_c: sd of the within-type cell-state noise on dimensions 0..T-1.
+        sigma_c_continuous: sd of the cell-state noise on dimensions T..K_C-1 (within-type
+            continuous variation).
+
+    RNA decoder and counts
+        n_genes: number of genes G.
+        frac_genes_c, frac_genes_dxc, frac_genes_v: fraction of genes each factor of W_C,
+            W_DxC, W_V loads on (at least one gene); other loadings are exactly 0.
+        loading_scale_c, loading_scale_dxc, loading_scale_v: sd of the non-zero loadings
+            (natural-log scale of the gene's mean per unit of the factor input).
+        baseline_sd: sd of the per-gene baseline log expression b_g ~ N(0, baseline_sd^2).
+        median_library: median library size (total expected counts per cell).
+        library_sigma: sd of log library size (LogNormal).
+        theta_median, theta_sigma: theta_g ~ LogNormal(log theta_median, theta_sigma); theta is
+            the NB inverse dispersion (variance = mu + mu^2 / theta).
+
+    Protein modality (off when n_proteins == 0)
+        n_proteins: number of proteins P.
+        frac_prot_c: fraction of proteins each cell-state factor loads on.
+        frac_prot_donor: fraction of proteins each D or V factor loads on.
+        loading_scale_prot_c: sd of the non-zero cell-state protein loadings.
+        loading_scale_prot_donor: sd of the non-zero donor-factor protein loadings (smaller
+            than for RNA: donor effects are weaker on proteins).
+        median_library_prot: median protein library size.
+    """
+
+    n_donors: int = 120
+    n_snps: int = 2000
+    maf_min: float = 0.1
+    maf_max: float = 0.5
+    causal_maf_min: float = 0.05
+    h2_d: float = 0.3
+    h2_v: float = 0.3
+    n_causal_per_factor: int = 1
+
+    k_c: int = 8
+    k_dxc: int = 4
+    k_v: int = 2
+
+    cells_per_donor: float = 40.0
+    vary_cells_per_donor: bool = True
+    n_cell_types: int = 4
+    cell_type_proportions: tuple[float, ...] | None = None
+    state_strength: float = 3.0
+    centroid_jitter: float = 0.3
+    sigma_c: float = 0.5
+    sigma_c_continuous: float = 1.0
+
+    n_genes: int = 500
+    frac_genes_c: float = 0.2
+    frac_genes_dxc: float = 0.1
+    frac_genes_v: float = 0.1
+    loading_scale_c: float = 2.0
+    loading_scale_dxc: float = 1.0
+    loading_scale_v: float = 1.0
+    baseline_sd: float = 1.0
+    median_library: float = 3000.0
+    library_sigma: float = 0.3
+    theta_median: float = 10.0
+    theta_sigma: float = 0.5
+
+    n_proteins: int = 0
+    frac_prot_c: float = 0.5
+    frac_prot_donor: float = 0.2
+    loading_scale_prot_c: float = 2.0
+    loading_scale_prot_donor: float = 0.5
+    median_library_prot: float = 2000.0
+
+    @classmethod
+    def demo(cls) -> "SimulationConfig":
+        """The built-in dataset of the demo job.
+
+        120 donors x ~40 cells (about 4,800 cells), 500 genes, 2,000 SNPs, K_C 8 with 4 cell
+        types, 4 planted D x C factors and 2 planted V factors (h2 0.3 each). At this size a
+        LIVI fit on 2 CPU cores takes a few minutes, and a factor that recovers d_j well is
+        detectable (expected chi2 about N_y * h2 = 36, p ~ 1e-9, beyond a Bonferroni threshold
+        over 6 x 2000 tests).
+        """
+        return cls(n_donors=120, cells_per_donor=40.0, n_genes=500, n_snps=2000,
+                   k_c=8, k_dxc=4, k_v=2, n_cell_types=4, h2_d=0.3, h2_v=0.3)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of the fields."""
+        out = dataclasses.asdict(self)
+        if out["cell_type_proportions"] is not None:
+            out["cell_type_proportions"] = [float(p) for p in out["cell_type_proportions"]]
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "SimulationConfig":
+        """Build a config from a dict of fields; unknown names are an :class:`InputError`.
+
+        Also accepts the ``config.json`` written by :func:`write_simulation` (fields under
+        the key ``"config"``).
+        """
+        if "config" in values and isinstance(values["config"], dict):
+            values = values["config"]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise InputError(source, unknown[0], "is not a SimulationConfig field",
+                             f"use only these names: {', '.join(sorted(names))}")
+        values = dict(values)
+        if values.get("cell_type_proportions") is not None:
+            values["cell_type_proportions"] = tuple(values["cell_type_proportions"])
+        return cls(**values)
+
+    def validate(self, n_donors: int | None = None, n_snps: int | None = None) -> None:
+        """Raise :class:`InputError` naming the first invalid field.
+
+        n_donors, n_snps: the actual numbers (they differ from the fields with real genotypes).
+        """
+        src = "SimulationConfig"
+        n_donors = self.n_donors if n_donors is None else n_donors
+        n_snps = self.n_snps if n_snps is None else n_snps
+
+        def need(ok: bool, name: str, problem: str, fix: str) -> None:
+            if not ok:
+                raise InputError(src, name, problem, fix)
+
+        for name in ("n_genes", "k_c", "n_cell_types", "n_causal_per_factor"):
+            need(int(getattr(self, name)) >= 1, name, f"is {getattr(self, name)}", "use >= 1")
+        for name in ("k_dxc", "k_v", "n_proteins"):
+            need(int(getattr(self, name)) >= 0, name, f"is {getattr(self, name)}", "use >= 0")
+        need(n_donors >= 1, "n_donors", f"is {n_donors}", "use >= 1")
+        need(n_snps >= 0, "n_snps", f"is {n_snps}", "use >= 0")
+        need(self.cells_per_donor > 0, "cells_per_donor", f"is {self.cells_per_donor}",
+             "use a positive mean number of cells")
+        need(0.0 < self.maf_min <= self.maf_max <= 0.5, "maf_min/maf_max",
+             f"({self.maf_min}, {self.maf_max}) is not 0 < maf_min <= maf_max <= 0.5",
+             "choose frequencies of the minor allele")
+        for name in ("h2_d", "h2_v"):
+            h = getattr(self, name)
+            need(0.0 <= h <= 1.0, name, f"is {h}", "use a variance fraction in [0, 1]")
+        need(self.n_cell_types <= self.k_c, "n_cell_types",
+             f"{self.n_cell_types} types but k_c = {self.k_c}",
+             "each cell type needs its own cell-state dimension: use n_cell_types <= k_c")
+        if self.cell_type_proportions is not None:
+            p = np.asarray(self.cell_type_proportions, dtype=float)
+            need(p.shape == (self.n_cell_types,) and np.all(p >= 0) and p.sum() > 0,
+                 "cell_type_proportions", f"{list(p)} is not {self.n_cell_types} non-negative "
+                 "numbers with a positive sum", "give one weight per cell type, or None")
+        for name in ("frac_genes_c", "frac_genes_dxc", "frac_genes_v", "frac_prot_c",
+                     "frac_prot_donor"):
+            f = getattr(self, name)
+            need(0.0 < f <= 1.0, name, f"is {f}", "use a fraction in (0, 1]")
+        for name in ("state_strength", "centroid_jitter", "sigma_c", "sigma_c_continuous",
+                     "loading_scale_c", "loading_scale_dxc", "loading_scale_v", "baseline_sd",
+                     "library_sigma", "theta_sigma", "loading_scale_prot_c",
+                     "loading_scale_prot_donor"):
+            need(getattr(self, name) >= 0, name, f"is {getattr(self, name)}", "use >= 0")
+        for name in ("median_library", "theta_median", "median_library_prot"):
+            need(getattr(self, name) > 0, name, f"is {getattr(self, name)}", "use > 0")
+        n_factors = self.k_dxc + self.k_v
+        need(n_donors >= 2 or n_factors == 0, "n_donors",
+             f"{n_donors} donor cannot give standardised donor factors",
+             "use >= 2 donors, or k_dxc = k_v = 0")
+        n_causal = self.n_causal_per_factor * (self.k_dxc * (self.h2_d > 0)
+                                               + self.k_v * (self.h2_v > 0))
+        need(n_causal <= n_snps, "n_snps",
+             f"{n_snps} SNPs cannot hold {n_causal} distinct causal SNPs",
+             "add SNPs, or lower k_dxc, k_v or n_causal_per_factor")
+
+
+# --------------------------------------------------------------------------------------------
+# result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimulatedData:
+    """A simulated dataset and its truth.
+
+    adata: the RNA modality (N cells x G genes); counts as an int32 CSR matrix in ``.X`` and in
+        layer ``"counts"``; obs ``donor``, ``cell_type``, ``true_library``. With proteins it is
+        the same object as ``mdata["rna"]``.
+    mdata: MuData with modalities ``rna`` and ``prot`` when ``config.n_proteins > 0``, else None.
+    genotypes: (N_y, n_snps) allele dosages = counts of allele a1 (int8 when simulated; the
+        given array, copied, when real genotypes are passed).
+    donors: N_y donor ids, the row order of ``genotypes``, ``truth["D"]`` and ``truth["V"]``.
+    snps: one row per SNP: snp, chrom, pos, a1 (counted allele), a2, maf.
+    truth: the generating quantities (see :func:`simulate`).
+    config: the configuration used.
+    seed: the seed used.
+    """
+
+    adata: Any
+    mdata: Any
+    genotypes: np.ndarray
+    donors: list[str]
+    snps: pd.DataFrame
+    truth: dict[str, Any]
+    config: SimulationConfig
+    seed: int = 0
+
+    @property
+    def expression(self):
+        """The MuData when there are proteins, else the RNA AnnData."""
+        return self.mdata if self.mdata is not None else self.adata
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def _names(prefix: str, n: int, width: int) -> list[str]:
+    """``prefix`` + zero-padded index, at least ``width`` digits."""
+    w = max(width, len(str(max(n - 1, 0))))
+    return [f"{prefix}{i:0{w}d}" for i in range(n)]
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, numerically stable."""
+    z = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    """Columns to mean 0 and variance 1 (ddof 0). x: (n, k)."""
+    return (x - x.mean(axis=0)) / x.std(axis=0)
+
+
+def _sparse_loadings(rng: np.random.Generator, k: int, g: int, frac: float,
+                     scale: float) -> np.ndarray:
+    """(k, g) matrix; each row has max(1, round(frac * g)) entries N(0, scale^2), zeros else."""
+    w = np.zeros((k, g))
+    n_on = max(1, int(round(frac * g)))
+    for j in range(k):
+        idx = rng.choice(g, size=n_on, replace=False)
+        w[j, idx] = rng.normal(0.0, scale, size=n_on)
+    return w
+
+
+def _default_snp_table(n_snps: int) -> pd.DataFrame:
+    """Deterministic layout: contiguous blocks on chromosomes 1..22, 10 kb apart."""
+    k = np.arange(n_snps)
+    chrom = 1 + (k * 22) // max(n_snps, 1)
+    pos = np.zeros(n_snps, dtype=np.int64)
+    for c in np.unique(chrom):
+        on = chrom == c
+        pos[on] = 10_000 * (1 + np.arange(on.sum()))
+    return pd.DataFrame({"snp": _names("snp_", n_snps, 5), "chrom": chrom.astype(np.int64),
+                         "pos": pos, "a1": "A", "a2": "G"})
+
+
+def _sample_maf(genotypes: np.ndarray) -> np.ndarray:
+    """Folded sample allele frequency per SNP (missing values ignored). (n_snps,)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        f = np.nanmean(genotypes, axis=0) / 2.0
+    f = np.nan_to_num(f, nan=0.0)
+    return np.minimum(f, 1.0 - f)
+
+
+def _check_genotypes(genotypes, donors, snps) -> tuple[np.ndarray, list[str], pd.DataFrame | None]:
+    """Validate given genotypes, donor ids and optional SNP table."""
+    src = "simulate(genotypes=...)"
+    g = np.array(genotypes, copy=True)
+    if g.ndim != 2:
+        raise InputError(src, "genotypes", f"has shape {g.shape}",
+                         "pass a (n_donors, n_snps) array of allele dosages")
+    if not np.issubdtype(g.dtype, np.number):
+        raise InputError(src, "genotypes", f"has dtype {g.dtype}", "pass numeric dosages")
+    finite = g[np.isfinite(g)] if np.issubdtype(g.dtype, np.floating) else g
+    if finite.size and (finite.min() < 0 or finite.max() > 2):
+        raise InputError(src, "genotypes", "has dosages outside [0, 2]",
+                         "pass allele dosages 0..2 (NaN for missing)")
+    if donors is None:
+        donors = _names("donor_", g.shape[0], 3)
+    donors = [str(d) for d in donors]
+    if len(donors) != g.shape[0]:
+        raise InputError(src, "donors", f"has {len(donors)} ids for {g.shape[0]} genotype rows",
+                         "give one donor id per genotype row, in row order")
+    if len(set(donors)) != len(donors):
+        raise InputError(src, "donors", "has duplicate ids", "make the donor ids unique")
+    if snps is not None:
+        snps = pd.DataFrame(snps).reset_index(drop=True)
+        if len(snps) != g.shape[1] or "snp" not in snps.columns:
+            raise InputError(src, "snps", f"has {len(snps)} rows / columns {list(snps.columns)}",
+                             f"give {g.shape[1]} rows with at least a 'snp' column")
+    return g, donors, snps
+
+
+def _plant(rng: np.random.Generator, genotypes: np.ndarray, causal: np.ndarray, h2: float,
+           prefix: str) -> tuple[np.ndarray, list[dict]]:
+    """Donor factors with planted genetic effects.
+
+    genotypes: (N_y, n_snps) dosages (NaN allowed; mean-imputed here).
+    causal: (k, m) SNP indices, m per factor (k = 0 allowed; m = 0 when h2 = 0).
+    Returns F (N_y, k), standardised columns, and effect rows. beta is the exact linear
+    coefficient of F[:, j] on the dosage of its SNP s (F_j = sum_s beta_s (g_s - mean g_s) +
+    residual); beta_std = beta * sd(g_s) is the effect per genotype sd.
+    """
+    n, k = genotypes.shape[0], causal.shape[0]
+    m = causal.shape[1]
+    noise = rng.normal(size=(n, k))
+    raw = math.sqrt(1.0 - h2) * noise
+    rows = []
+    per_snp = []
+    for j in range(k):
+        for s in causal[j]:
+            g = genotypes[:, s].astype(float)
+            g = np.where(np.isfinite(g), g, np.nanmean(g))
+            sd = g.std()
+            raw[:, j] += math.sqrt(h2 / m) * (g - g.mean()) / sd
+            per_snp.append((j, int(s), sd))
+    scale = raw.std(axis=0)
+    factors = (raw - raw.mean(axis=0)) / scale
+    for j, s, sd in per_snp:
+        b_std = math.sqrt(h2 / m) / scale[j]
+        rows.append({"factor": f"{prefix}_{j}", "kind": prefix, "snp_index": s,
+                     "beta": b_std / sd, "beta_std": b_std, "h2": h2 / m})
+    return factors, rows
+
+
+def _gamma_poisson(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """NB counts with mean mu (n, g) and inverse dispersion theta (g,): Gamma-Poisson."""
+    lam = rng.gamma(shape=np.broadcast_to(theta, mu.shape), scale=mu / theta)
+    return rng.poisson(lam)
+
+
+def _draw_counts(rng: np.random.Generator, base: np.ndarray, probs: np.ndarray,
+                 z: np.ndarray, v: np.ndarray, w_c: np.ndarray, w_dxc: np.ndarray,
+                 w_v: np.ndarray, library: np.ndarray, theta: np.ndarray) -> sp.csr_matrix:
+    """Counts (N, F) as int32 CSR, drawn in fixed chunks of cells.
+
+    base (F,), probs = softmax(c) (N, K_C), z (N, K_DxC), v per cell (N, K_V), loadings
+    (K, F), library (N,), theta (F,).
+    """
+    blocks = []
+    for start in range(0, probs.shape[0], _CHUNK_CELLS):
+        sl = slice(start, start + _CHUNK_CELLS)
+        logits = base + probs[sl] @ w_c + z[sl] @ w_dxc + v[sl] @ w_v
+        mu = _softmax(logits) * library[sl, None]
+        blocks.append(sp.csr_matrix(_gamma_poisson(rng, mu, theta).astype(np.int32)))
+    if not blocks:
+        return sp.csr_matrix((0, base.shape[0]), dtype=np.int32)
+    return sp.vstack(blocks, format="csr").astype(np.int32)
+
+
+def _anndata(counts: sp.csr_matrix, obs: pd.DataFrame, var_names: list[str],
+             library: np.ndarray):
+    import anndata as ad
+
+    obs = obs.copy()
+    obs["true_library"] = library
+    a = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pd.Index(var_names)))
+    a.layers["counts"] = counts.copy()
+    return a
+
+
+# --------------------------------------------------------------------------------------------
+# simulate
+# --------------------------------------------------------------------------------------------
+
+
+def simulate(config: SimulationConfig | None = None, *, seed: int = 0,
+             genotypes: np.ndarray | None = None, donors: list[str] | None = None,
+             snps: pd.DataFrame | None = None) -> SimulatedData:
+    """Draw a dataset from LIVI's generative process with planted genetic effects.
+
+    config: the parameters (default :class:`SimulationConfig()`, the demo size).
+    seed: the only source of randomness.
+    genotypes: optional real (N_y, n_snps) allele dosages in [0, 2] (NaN = missing), used as
+        they are; then N_y and n_snps come from it, not from config. Missing values are
+        mean-imputed only when building the genetic score of a causal SNP.
+    donors: ids of the genotype rows (default ``donor_000``...).
+    snps: optional SNP table for real genotypes (column ``snp``; ``chrom``, ``pos``, ``a1``,
+        ``a2`` used when present, else the deterministic layout of simulated SNPs).
+
+    truth keys (N cells, G genes, P proteins):
+        A (K_C, K_DxC) one-hot: factor j acts in cell-state dimension j mod n_cell_types;
+        D (N_y, K_DxC), V (N_y, K_V): donor factors, standardised columns;
+        W_C (K_C, G), W_DxC (K_DxC, G), W_V (K_V, G): loadings; b (G,) baseline log expression;
+        theta (G,) inverse dispersions; c (N, K_C) cell states; centroids (T, K_C);
+        library (N,) library sizes; effects: DataFrame factor, kind (D|V), snp, chrom, pos,
+        beta (per allele dosage of a1), beta_std (per genotype sd), maf, h2;
+        with proteins also W_C_prot, W_DxC_prot, W_V_prot, b_prot, theta_prot, library_prot.
+    """
+    cfg = config if config is not None else SimulationConfig()
+    streams = dict(zip(_STREAMS, (np.random.default_rng(s) for s in
+                                   np.random.SeedSequence(int(seed)).spawn(len(_STREAMS)))))
+
+    # --- genotypes -------------------------------------------------------------------------
+    if genotypes is not None:
+        geno, donors, snp_table = _check_genotypes(genotypes, donors, snps)
+        cfg.validate(n_donors=geno.shape[0], n_snps=geno.shape[1])
+        layout = _default_snp_table(geno.shape[1])
+        if snp_table is None:
+            snp_table = layout
+        for col in ("chrom", "pos", "a1", "a2"):
+            if col not in snp_table.columns:
+                snp_table[col] = layout[col].to_numpy()
+        snp_table = snp_table[["snp", "chrom", "pos", "a1", "a2"]].copy()
+        snp_table["maf"] = _sample_maf(geno)
+    else:
+        if donors is not None or snps is not None:
+            raise InputError("simulate()", "donors" if donors is not None else "snps",
+                             "was given without genotypes", "pass genotypes too, or neither")
+        cfg.validate()
+        rng = streams["genotypes"]
+        maf = rng.uniform(cfg.maf_min, cfg.maf_max, size=cfg.n_snps)
+        geno = rng.binomial(2, maf, size=(cfg.n_donors, cfg.n_snps)).astype(np.int8)
+        donors = _names("donor_", cfg.n_donors, 3)
+        snp_table = _default_snp_table(cfg.n_snps)
+        snp_table["maf"] = maf
+    n_donors = geno.shape[0]
+
+    # --- planted genetics ------------------------------------------------------------------
+    rng = streams["genetics"]
+    m = cfg.n_causal_per_factor
+    k_d_causal = cfg.k_dxc if cfg.h2_d > 0 else 0
+    k_v_causal = cfg.k_v if cfg.h2_v > 0 else 0
+    eligible = np.flatnonzero(_sample_maf(geno) >= cfg.causal_maf_min)
+    n_needed = m * (k_d_causal + k_v_causal)
+    if n_needed > eligible.size:
+        raise InputError("simulate()", "causal_maf_min",
+                         f"only {eligible.size} SNPs have sample MAF >= {cfg.causal_maf_min}, "
+                         f"{n_needed} causal SNPs are needed",
+                         "add SNPs or donors, lower causal_maf_min, or plant fewer factors")
+    chosen = rng.choice(eligible, size=n_needed, replace=False)
+    causal_d = chosen[: m * k_d_causal].reshape(k_d_causal, m)
+    causal_v = chosen[m * k_d_causal:].reshape(k_v_causal, m)
+    if cfg.h2_d == 0:
+        causal_d = np.zeros((cfg.k_dxc, 0), dtype=int)
+    if cfg.h2_v == 0:
+        causal_v = np.zeros((cfg.k_v, 0), dtype=int)
+    D, rows_d = _plant(rng, geno, causal_d, cfg.h2_d, "D")
+    V, rows_v = _plant(rng, geno, causal_v, cfg.h2_v, "V")
+    effects = pd.DataFrame(rows_d + rows_v,
+                           columns=["factor", "kind", "snp_index", "beta", "beta_std", "h2"])
+    idx = effects["snp_index"].to_numpy(dtype=int)
+    effects.insert(2, "snp", snp_table["snp"].to_numpy()[idx])
+    effects.insert(3, "chrom", snp_table["chrom"].to_numpy()[idx])
+    effects.insert(4, "pos", snp_table["pos"].to_numpy()[idx])
+    effects["maf"] = snp_table["maf"].to_numpy()[idx]
+    effects = effects[["factor", "kind", "snp", "chrom", "pos", "beta", "beta_std", "maf", "h2",
+                       "snp_index"]]
+
+    # --- cells -----------------------------------------------------------------------------
+    rng = streams["cells"]
+    n_types = cfg.n_cell_types
+    if cfg.vary_cells_per_donor:
+        n_cells_y = np.maximum(1, rng.poisson(cfg.cells_per_donor, size=n_donors))
+    else:
+        n_cells_y = np.full(n_donors, max(1, int(round(cfg.cells_per_donor))))
+    donor_of_cell = np.repeat(np.arange(n_donors), n_cells_y)
+    n_cells = donor_of_cell.size
+    props = (np.full(n_types, 1.0 / n_types) if cfg.cell_type_proportions is None
+             else np.asarray(cfg.cell_type_proportions, float))
+    props = props / props.sum()
+    type_of_cell = rng.choice(n_types, size=n_cells, p=props)
+    centroids = rng.normal(0.0, cfg.centroid_jitter, size=(n_types, cfg.k_c)) \
+        if cfg.centroid_jitter > 0 else np.zeros((n_types, cfg.k_c))
+    centroids[np.arange(n_types), np.arange(n_types)] += cfg.state_strength
+    noise_sd = np.where(np.arange(cfg.k_c) < n_types, cfg.sigma_c, cfg.sigma_c_continuous)
+    c = centroids[type_of_cell] + rng.normal(size=(n_cells, cfg.k_c)) * noise_sd
+    library = np.exp(np.log(cfg.median_library)
+                     + cfg.library_sigma * rng.normal(size=n_cells))
+
+    A = np.zeros((cfg.k_c, cfg.k_dxc))
+    A[np.arange(cfg.k_dxc) % n_types, np.arange(cfg.k_dxc)] = 1.0
+    probs = _softmax(c)
+    z = (probs @ A) * D[donor_of_cell]                      # eq. 2
+    v_cell = V[donor_of_cell]
+
+    # --- RNA loadings and counts -----------------------------------------------------------
+    rng = streams["loadings"]
+    G = cfg.n_genes
+    b = rng.normal(0.0, cfg.baseline_sd, size=G)
+    W_C = _sparse_loadings(rng, cfg.k_c, G, cfg.frac_genes_c, cfg.loading_scale_c)
+    W_DxC = _sparse_loadings(rng, cfg.k_dxc, G, cfg.frac_genes_dxc, cfg.loading_scale_dxc)
+    W_V = _sparse_loadings(rng, cfg.k_v, G, cfg.frac_genes_v, cfg.loading_scale_v)
+    theta = np.exp(np.log(cfg.theta_median) + cfg.theta_sigma * rng.normal(size=G))
+    counts = _draw_counts(streams["counts"], b, probs, z, v_cell, W_C, W_DxC, W_V, library,
+                          theta)
+
+    type_names = [f"type_{t}" for t in range(n_types)]
+    obs = pd.DataFrame(
+        {"donor": pd.Categorical(np.asarray(donors)[donor_of_cell], categories=donors),
+         "cell_type": pd.Categorical(np.asarray(type_names)[type_of_cell],
+                                     categories=type_names)},
+        index=pd.Index(_names("cell_", n_cells, 5)))
+    adata = _anndata(counts, obs, _names("gene_", G, 4), library)
+    adata.uns["simulation"] = {"seed": int(seed), "config": json.dumps(cfg.to_dict())}
+
+    truth: dict[str, Any] = {
+        "A": A, "D": D, "V": V, "W_C": W_C, "W_DxC": W_DxC, "W_V": W_V, "b": b,
+        "theta": theta, "c": c, "centroids": centroids, "library": library, "effects": effects,
+    }
+
+    # --- proteins --------------------------------------------------------------------------
+    mdata = None
+    if cfg.n_proteins > 0:
+        import mudata as md
+
+        rng = streams["proteins"]
+        P = cfg.n_proteins
+        b_p = rng.normal(0.0, cfg.baseline_sd, size=P)
+        W_C_p = _sparse_loadings(rng, cfg.k_c, P, cfg.frac_prot_c, cfg.loading_scale_prot_c)
+        W_DxC_p = _sparse_loadings(rng, cfg.k_dxc, P, cfg.frac_prot_donor,
+                                   cfg.loading_scale_prot_donor)
+        W_V_p = _sparse_loadings(rng, cfg.k_v, P, cfg.frac_prot_donor,
+                                 cfg.loading_scale_prot_donor)
+        theta_p = np.exp(np.log(cfg.theta_median) + cfg.theta_sigma * rng.normal(size=P))
+        library_p = np.exp(np.log(cfg.median_library_prot)
+                           + cfg.library_sigma * rng.normal(size=n_cells))
+        counts_p = _draw_counts(rng, b_p, probs, z, v_cell, W_C_p, W_DxC_p, W_V_p, library_p,
+                                theta_p)
+        prot = _anndata(counts_p, obs, _names("prot_", P, 2), library_p)
+        with md.set_options(pull_on_update=False):
+            mdata = md.MuData({"rna": adata, "prot": prot})
+        mdata.obs["donor"] = obs["donor"].to_numpy()
+        mdata.obs["cell_type"] = obs["cell_type"].to_numpy()
+        mdata.uns["simulation"] = dict(adata.uns["simulation"])
+        adata = mdata.mod["rna"]
+        truth.update({"W_C_prot": W_C_p, "W_DxC_prot": W_DxC_p, "W_V_prot": W_V_p,
+                      "b_prot": b_p, "theta_prot": theta_p, "library_prot": library_p})
+
+    return SimulatedData(adata=adata, mdata=mdata, genotypes=geno, donors=list(donors),
+                         snps=snp_table.reset_index(drop=True), truth=truth, config=cfg,
+                         seed=int(seed))
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+
+def _bed_values(genotypes: np.ndarray) -> np.ndarray:
+    """Genotypes as PLINK hard calls: int8 0/1/2 (-127 missing) or float32 with NaN."""
+    g = np.asarray(genotypes)
+    if np.issubdtype(g.dtype, np.integer):
+        return g.astype(np.int8)
+    g = g.astype(np.float64)
+    finite = np.isfinite(g)
+    if not np.all(g[finite] == np.round(g[finite])):
+        warnings.warn("genotypes hold non-integer dosages; genotypes.bed stores them rounded "
+                      "to hard calls 0/1/2 (the planted effects used the exact dosages)",
+                      stacklevel=3)
+        g = np.where(finite, np.round(g), np.nan)
+    return g.astype(np.float32)
+
+
+def write_simulation(sim: SimulatedData, out_dir) -> dict[str, Path]:
+    """Write a simulation to ``out_dir``; return the written paths by name.
+
+    Files:
+        expression.h5ad (RNA only) or expression.h5mu (modalities rna, prot);
+        genotypes.bed/.bim/.fam (PLINK 1; iid = fid = donor id; allele_1 = a1, the counted
+        allele, so bed_reader's default ``open_bed(...).read()`` (count_A1=True) returns the
+        simulated dosages);
+        truth/effects.tsv, D.tsv, V.tsv, A.tsv, W_C.tsv, W_DxC.tsv, W_V.tsv, genes.tsv,
+        cell_state.tsv, config.json, README.md (and the *_prot.tsv files with proteins).
+    """
+    from bed_reader import to_bed
+
+    out = Path(out_dir)
+    truth_dir = out / "truth"
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    t = sim.truth
+    cfg = sim.config
+    paths: dict[str, Path] = {}
+
+    if sim.mdata is not None:
+        import mudata as md
+
+        paths["expression"] = out / "expression.h5mu"
+        with md.set_options(pull_on_update=False):
+            sim.mdata.write(paths["expression"], compression="gzip")
+    else:
+        paths["expression"] = out / "expression.h5ad"
+        sim.adata.write_h5ad(paths["expression"], compression="gzip")
+
+    snps = sim.snps
+    paths["bed"] = out / "genotypes.bed"
+    paths["bim"] = out / "genotypes.bim"
+    paths["fam"] = out / "genotypes.fam"
+    to_bed(paths["bed"], _bed_values(sim.genotypes), properties={
+        "fid": list(sim.donors), "iid": list(sim.donors),
+        "sid": snps["snp"].astype(str).tolist(),
+        "chromosome": snps["chrom"].astype(str).tolist(),
+        "bp_position": snps["pos"].astype(np.int64).tolist(),
+        "allele_1": snps["a1"].astype(str).tolist(),
+        "allele_2": snps["a2"].astype(str).tolist(),
+    }, count_A1=True, num_threads=1)
+
+    genes = sim.adata.var_names.tolist()
+    d_cols = [f"D_{j}" for j in range(cfg.k_dxc)]
+    v_cols = [f"V_{j}" for j in range(cfg.k_v)]
+    c_rows = [f"c_{k}" for k in range(cfg.k_c)]
+    tables = {
+        "effects": t["effects"].drop(columns="snp_index"),
+        "D": pd.DataFrame(t["D"], index=pd.Index(sim.donors, name="donor"), columns=d_cols),
+        "V": pd.DataFrame(t["V"], index=pd.Index(sim.donors, name="donor"), columns=v_cols),
+        "A": pd.DataFrame(t["A"], index=pd.Index(c_rows, name="cell_state"), columns=d_cols),
+        "W_C": pd.DataFrame(t["W_C"], index=pd.Index(c_rows, name="factor"), columns=genes),
+        "W_DxC": pd.DataFrame(t["W_DxC"], index=pd.Index(d_cols, name="factor"), columns=genes),
+        "W_V": pd.DataFrame(t["W_V"], index=pd.Index(v_cols, name="factor"), columns=genes),
+        "genes": pd.DataFrame({"baseline": t["b"], "theta": t["theta"]},
+                              index=pd.Index(genes, name="gene")),
+        "cell_state": pd.DataFrame(t["c"], index=pd.Index(sim.adata.obs_names, name="cell"),
+                                   columns=c_rows),
+    }
+    if sim.mdata is not None:
+        prots = sim.mdata.mod["prot"].var_names.tolist()
+        tables.update({
+            "W_C_prot": pd.DataFrame(t["W_C_prot"], index=pd.Index(c_rows, name="factor"),
+                                     columns=prots),
+            "W_DxC_prot": pd.DataFrame(t["W_DxC_prot"], index=pd.Index(d_cols, name="factor"),
+                                       columns=prots),
+            "W_V_prot": pd.DataFrame(t["W_V_prot"], index=pd.Index(v_cols, name="factor"),
+                                     columns=prots),
+            "proteins": pd.DataFrame({"baseline": t["b_prot"], "theta": t["theta_prot"]},
+                                     index=pd.Index(prots, name="protein")),
+        })
+    for name, frame in tables.items():
+        paths[name] = truth_dir / f"{name}.tsv"
+        frame.to_csv(paths[name], sep="\t", index=name != "effects")
+
+    paths["config"] = truth_dir / "config.json"
+    paths["config"].write_text(json.dumps({
+        "seed": sim.seed, "n_donors": len(sim.donors), "n_cells": int(sim.adata.n_obs),
+        "n_genes": int(sim.adata.n_vars), "n_snps": int(sim.genotypes.shape[1]),
+        "n_proteins": int(cfg.n_proteins), "config": cfg.to_dict()}, indent=2) + "\n")
+    paths["readme"] = truth_dir / "README.md"
+    paths["readme"].write_text(_readme(sim, tables))
+    return paths
+
+
+def _readme(sim: SimulatedData, tables: dict[str, pd.DataFrame]) -> str:
+    """Text of truth/README.md, with this dataset's shapes."""
+    cfg = sim.config
+    n, g, ny, ns = sim.adata.n_obs, sim.adata.n_vars, len(sim.donors), sim.genotypes.shape[1]
+    expr = "expression.h5mu" if sim.mdata is not None else "expression.h5ad"
+    lines = [
+        "# Simulated dataset: ground truth",
+        "",
+        f"Drawn by `pyro_livi.simulate.simulate` with seed {sim.seed}: {n} cells, {g} genes, "
+        f"{ny} donors, {ns} SNPs, K_C = {cfg.k_c}, K_DxC = {cfg.k_dxc}, K_V = {cfg.k_v}, "
+        f"{cfg.n_cell_types} cell types, {cfg.n_proteins} proteins. `config.json` holds every "
+        "parameter; `pyro-livi simulate --config truth/config.json --seed "
+        f"{sim.seed} --out DIR` redraws the same data.",
+        "",
+        "## Generative process",
+        "",
+        "```",
+        "maf_k ~ Uniform(maf_min, maf_max);  g_yk ~ Binomial(2, maf_k)     (dosage of a1)",
+        "d_j = standardise( sum_s sqrt(h2_D/m) * (g_s - mean g_s)/sd g_s + sqrt(1 - h2_D) * e_j )",
+        "v_j = standardise( same with h2_V ),   e ~ N(0, 1),  m causal SNPs per factor",
+        "c_i = centroid[type(i)] + N(0, diag(sigma^2))   (centroid t = state_strength on dim t)",
+        "z_i = (softmax(c_i) @ A) * d_{donor(i)}                              (LIVI eq. 2)",
+        "logits_i = b + softmax(c_i) @ W_C + z_i @ W_DxC + v_{donor(i)} @ W_V (LIVI eq. 3)",
+        "mu_i = softmax(logits_i over genes) * L_i,   L_i ~ LogNormal(log median_library, "
+        "library_sigma)",
+        "x_ig ~ NB(mean mu_ig, inverse dispersion theta_g): variance mu + mu^2 / theta",
+        "```",
+        "",
+        "Logits and loadings are on the natural-log scale of expression; donor factors have unit "
+        "sample variance (ddof 0) over donors.",
+        "",
+        "## Files",
+        "",
+        f"- `../{expr}`: counts (int32 CSR in `.X` and layer `counts`), obs `donor`, "
+        "`cell_type`, `true_library` (L_i, expected total counts).",
+        "- `../genotypes.bed/.bim/.fam`: PLINK 1 genotypes, iid = fid = donor id, allele_1 = a1 "
+        "(the counted allele). `bed_reader.open_bed(path).read()` (count_A1=True, the default) "
+        "returns the dosages used here.",
+        f"- `effects.tsv`: {len(tables['effects'])} planted effects, one row per (factor, causal "
+        "SNP): factor (D_j or V_j, a column of D.tsv / V.tsv), kind (D or V), snp, chrom, pos, "
+        "beta (change of the factor per allele dosage of a1: the exact linear coefficient in the "
+        "generating equation), beta_std (per genotype standard deviation), maf (minor allele "
+        "frequency: the generating frequency for simulated SNPs, the sample frequency for given "
+        "genotypes), h2 (variance fraction planted for this SNP, h2_D/m or h2_V/m). Factors of a "
+        "kind with h2 = 0 have no rows.",
+        f"- `D.tsv`: ({ny}, {cfg.k_dxc}) donor x cell-state factors, index donor, columns D_j.",
+        f"- `V.tsv`: ({ny}, {cfg.k_v}) persistent donor factors, index donor, columns V_j.",
+        f"- `A.tsv`: ({cfg.k_c}, {cfg.k_dxc}) one-hot assignment, rows c_k, columns D_j: factor "
+        "j acts in cell-state dimension j mod n_cell_types (cell type `type_t` is dimension t).",
+        f"- `W_C.tsv`: ({cfg.k_c}, {g}) cell-state loadings (rows c_k, columns genes).",
+        f"- `W_DxC.tsv`: ({cfg.k_dxc}, {g}) interaction loadings (rows D_j).",
+        f"- `W_V.tsv`: ({cfg.k_v}, {g}) persistent donor loadings (rows V_j).",
+        "  Loadings are sparse: each row is non-zero on a random fraction of genes "
+        f"(frac_genes_c = {cfg.frac_genes_c}, frac_genes_dxc = {cfg.frac_genes_dxc}, "
+        f"frac_genes_v = {cfg.frac_genes_v}), N(0, scale^2) there.",
+        f"- `genes.tsv`: ({g}, 2) per gene: baseline b_g (log scale) and theta_g (NB inverse "
+        "dispersion).",
+        f"- `cell_state.tsv`: ({n}, {cfg.k_c}) cell states c_i (before softmax), index cell.",
+        "- `config.json`: seed, sizes and every SimulationConfig field.",
+    ]
+    if sim.mdata is not None:
+        p = cfg.n_proteins
+        lines += [
+            f"- `W_C_prot.tsv` ({cfg.k_c}, {p}), `W_DxC_prot.tsv` ({cfg.k_dxc}, {p}), "
+            f"`W_V_prot.tsv` ({cfg.k_v}, {p}): protein loadings; `proteins.tsv` ({p}, 2): "
+            "baseline and theta per protein. Proteins follow the same equations with these "
+            "loadings and L ~ LogNormal(log median_library_prot, library_sigma); obs "
+            "`true_library` of modality `prot` holds it.",
+        ]
+    return "\n".join(lines) + "\n"
