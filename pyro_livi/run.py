@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from .analysis.latents import (assignment_table, cell_state_table, dispersion_tables,
-                               donor_factor_tables, loading_tables)
+                               donor_factor_tables, loading_tables, specific_state_tables)
 from .analysis.plots import plot_loss_curves
 from .data import DatasetSpec, read_dataset
 from .infer import Trainer, TrainingConfig, livi_stages, seed_everything
@@ -47,6 +47,7 @@ def fit(
     model: str = "livi",
     layer: str | None = None,
     modalities: dict | None = None,
+    optional_modalities=(),
     covariate_keys=(),
     label_keys=(),
     epochs_vae: int = 60,
@@ -66,11 +67,16 @@ def fit(
     """Fit ``model`` to ``data`` (a path or an in-memory AnnData/MuData).
 
     ``model_options`` go to the model's constructor (e.g. ``n_cell_state=15, n_dxc=100,
-    n_persistent=5, likelihood="nb"``). With ``out``, checkpoints go to ``out/checkpoints``
+    n_persistent=5, likelihood="nb"``). Multimodal models (``model="multislivi"`` or
+    ``"dmlivi"``) read ``modalities`` ({modality: layer or None}, e.g. ``{"rna": None,
+    "prot": None}``) and take e.g. ``likelihoods={"prot": "nb_mixture"}``,
+    ``modality_weights={"prot": 50}``; ``optional_modalities`` (e.g. ``["prot"]``) lists
+    modalities some cells lack (DMLIVI embeds such cells from the modalities they have). With ``out``, checkpoints go to ``out/checkpoints``
     (``resume=True`` continues from them) and the outputs are written by :func:`write_run_dir`.
     """
     spec = DatasetSpec(modalities=modalities or {"rna": layer}, donor_key=donor_key,
-                       covariate_keys=list(covariate_keys), label_keys=list(label_keys))
+                       covariate_keys=list(covariate_keys), label_keys=list(label_keys),
+                       optional_modalities=list(optional_modalities))
     dataset = read_dataset(data, spec)
     seed_everything(seed)
     net = build_model(model, dataset, **model_options)
@@ -96,7 +102,8 @@ def write_run_dir(result: FitResult, out: str | Path, *, spec: dict | None = Non
     """Write a fitted model's outputs.
 
     RUN_DIR/model.pt, D.tsv and V.tsv (rows: donor ids, header: factor names), A.tsv,
-    cell_state.tsv (rows: cell ids), loadings_<decoder>.tsv, dispersions_<modality>.tsv,
+    cell_state.tsv (rows: cell ids), specific_state_<modality>.tsv (DMLIVI's modality-specific
+    latents), loadings_<decoder>.tsv, dispersions_<modality>.tsv,
     history.tsv (per-epoch loss and each ELBO term / penalty, per cell), loss_curve.png,
     run.json (the arguments of the fit).
     """
@@ -109,6 +116,7 @@ def write_run_dir(result: FitResult, out: str | Path, *, spec: dict | None = Non
     tables = {**donor_factor_tables(model, dataset.donor_index)}
     tables["A"] = assignment_table(model)
     tables["cell_state"] = cell_state_table(model, dataset)
+    tables.update(specific_state_tables(model, dataset))
     for name, table in loading_tables(model, dataset.feature_names).items():
         tables[f"loadings_{name}"] = table
     for modality, table in dispersion_tables(model, dataset.feature_names).items():

@@ -37,6 +37,28 @@ def cell_state_table(model, dataset, **kwargs) -> pd.DataFrame:
                         columns=[f"c_{k}" for k in range(values.shape[1])])
 
 
+@torch.no_grad()
+def specific_state_tables(model, dataset, *, batch_size: int = 4096) -> dict[str, pd.DataFrame]:
+    """Posterior means of modality-specific latents, for models that have them (DMLIVI's
+    ``s_<modality>`` through ``model.encode_latents``): {"specific_state_<modality>": table},
+    rows = cell ids, columns ``s_<modality>_0..``. Empty for other models."""
+    if not hasattr(model, "encode_latents"):
+        return {}
+    parts: dict[str, list[np.ndarray]] = {}
+    model.eval()
+    for batch in MinibatchLoader(dataset, batch_size=batch_size, shuffle=False):
+        for name, (loc, _) in model.encode_latents(batch).items():
+            if name.startswith("s_"):
+                parts.setdefault(name, []).append(loc.cpu().numpy())
+    model.train()
+    tables = {}
+    for name, values in parts.items():
+        values = np.concatenate(values)
+        tables[f"specific_state_{name[2:]}"] = pd.DataFrame(
+            values, index=dataset.obs_names, columns=[f"{name}_{k}" for k in range(values.shape[1])])
+    return tables
+
+
 def donor_factor_tables(model, donor_index) -> dict[str, pd.DataFrame]:
     """Donor x factor tables (rows = donor ids as in the data), e.g. {"D": ..., "V": ...}."""
     return {
@@ -47,9 +69,11 @@ def donor_factor_tables(model, donor_index) -> dict[str, pd.DataFrame]:
 
 
 def assignment_table(model) -> pd.DataFrame:
-    """A = sigmoid(A_logits), rows = cell-state factors, columns = interaction factors."""
+    """A = sigmoid(A_logits), rows = cell-state factors (``model.A_row_names`` when the model
+    has them), columns = interaction factors."""
     A = model.A.detach().cpu().numpy()
-    return pd.DataFrame(A, index=[f"c_{k}" for k in range(A.shape[0])],
+    rows = getattr(model, "A_row_names", None) or [f"c_{k}" for k in range(A.shape[0])]
+    return pd.DataFrame(A, index=rows,
                         columns=[f"D_{k}" for k in range(A.shape[1])])
 
 
@@ -58,7 +82,7 @@ def loading_tables(model, feature_names: dict) -> dict[str, pd.DataFrame]:
     tables = {}
     for name, W in model.loadings().items():
         modality = name.split("__")[1] if "__" in name else model.modalities[0]
-        prefix = {"W_C": "c", "W_DxC": "D", "W_V": "V"}.get(name.split("__")[0], name)
+        prefix = {"W_C": "c", "W_DxC": "D", "W_V": "V", "W_S": f"s_{modality}"}.get(name.split("__")[0], name)
         W = W.cpu().numpy()
         tables[name] = pd.DataFrame(W.T, index=pd.Index(feature_names[modality], name="feature"),
                                     columns=[f"{prefix}_{k}" for k in range(W.shape[0])])

@@ -32,6 +32,9 @@ class Stage:
     components: optional model parts switched on (e.g. ``("persistent", "interaction")``);
         the sample sites of parts that are off are absent from model and guide.
     early_stopping: optional rule that ends the stage before ``epochs``.
+    lr_decay: the learning rates fall geometrically to ``lr_decay`` times their start value
+        over ``epochs`` (1.0 keeps them constant). A decaying rate lets point estimates
+        settle instead of jittering at Adam's step size.
     """
 
     name: str
@@ -39,6 +42,7 @@ class Stage:
     train: tuple[str, ...]
     components: tuple[str, ...] = ()
     early_stopping: EarlyStopping | None = None
+    lr_decay: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +56,7 @@ def livi_stages(
     patience: int = 20,
     min_delta: float = 1e-4,
     factor_tol: float = 1e-3,
+    lr_decay: float = 0.1,
 ) -> list[Stage]:
     """The two-stage schedule of LIVI (DESIGN section 3).
 
@@ -60,7 +65,8 @@ def livi_stages(
     2. ``persistent``: VAE parts frozen; V and W_V train, for ``warmup_epochs_G`` epochs
        (skipped when 0, as in the paper).
     3. ``donor``: V, W_V, D, A and W_DxC train together for up to ``epochs`` epochs, with early
-       stopping that watches the donor factors.
+       stopping that watches the donor factors and learning rates decaying to ``lr_decay``
+       times their start over ``epochs``.
     """
     stop = EarlyStopping(patience=patience, min_delta=min_delta, watch=("D_loc", "V_loc"),
                          factor_tol=factor_tol)
@@ -69,5 +75,6 @@ def livi_stages(
         stages.append(Stage("persistent", warmup_epochs_G, train=("persistent",),
                             components=("persistent",)))
     stages.append(Stage("donor", epochs, train=("persistent", "interaction"),
-                        components=("persistent", "interaction"), early_stopping=stop))
+                        components=("persistent", "interaction"), early_stopping=stop,
+                        lr_decay=lr_decay))
     return [s for s in stages if s.epochs > 0]

@@ -169,6 +169,8 @@ class Trainer:
                 while self._position["stage"] == stage_index:
                     before = self._watched(stage.early_stopping)
                     record = self._run_epoch(stage, loader, n_cells, device)
+                    for group in self._optimizer.param_groups:
+                        group["lr"] *= stage.lr_decay ** (1.0 / stage.epochs)
                     after = self._watched(stage.early_stopping)
                     stopped = False
                     if stage.early_stopping is not None:
@@ -203,16 +205,17 @@ class Trainer:
         start = time.perf_counter()
         for batch in loader:
             batch = batch.to(device)
-            terms = elbo_terms(self.stage_model, self.stage_guide, batch)
+            try:
+                terms = elbo_terms(self.stage_model, self.stage_guide, batch)
+            except ValueError as err:  # distribution argument checks reject non-finite parameters
+                bad = [k for k, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+                if bad:
+                    raise self._diverged(stage, n_batches, f"parameters {bad} are not finite") from err
+                raise
             loss = sum(terms.values())
             if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"the loss became {loss.item()} in stage {stage.name!r} at epoch "
-                    f"{self._position['epoch']} (batch {n_batches}); terms: "
-                    f"{ {k: float(v) for k, v in terms.items()} }. Last good checkpoint: "
-                    f"{self.checkpoint_path if self.checkpoint_dir else 'none (no checkpoint_dir)'}. "
-                    "Lower the learning rate or check the input counts."
-                )
+                raise self._diverged(stage, n_batches, f"the loss became {loss.item()}; terms: "
+                                     f"{ {k: v.item() for k, v in terms.items()} }")
             self._optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._optimizer.step()
@@ -225,6 +228,13 @@ class Trainer:
         return {"stage": stage.name, "epoch": self._position["epoch"],
                 "loss": sum(per_cell.values()), **per_cell,
                 "cells_per_s": n_cells / elapsed}
+
+    def _diverged(self, stage: Stage, n_batches: int, what: str) -> TrainingDivergedError:
+        last = self.checkpoint_path if self.checkpoint_dir else "none (no checkpoint_dir)"
+        return TrainingDivergedError(
+            f"{what} in stage {stage.name!r} at epoch {self._position['epoch']} (batch {n_batches}). "
+            f"Last good checkpoint: {last}. Lower the learning rate or check the input counts."
+        )
 
     def history_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.history)

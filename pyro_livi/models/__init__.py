@@ -1,8 +1,10 @@
 """The zoo's models, by name."""
 
+from .dmlivi import DMLIVI
 from .livi import LIVI
+from .multislivi import MultiSLIVI
 
-MODELS = {"livi": LIVI}
+MODELS = {"livi": LIVI, "multislivi": MultiSLIVI, "dmlivi": DMLIVI}
 
 
 def model_class(name: str):
@@ -13,4 +15,4 @@ def model_class(name: str):
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}") from None
 
 
-__all__ = ["LIVI", "MODELS", "model_class"]
+__all__ = ["DMLIVI", "LIVI", "MODELS", "MultiSLIVI", "model_class"]

@@ -1,0 +1,132 @@
+"""Evaluation figures, written as PNG files (matplotlib's Agg backend).
+
+UMAP of a latent coloured by labels (scanpy), probe accuracies as a bar chart, and posterior
+predictive checks (ArviZ's ``plot_ppc`` on the most expressed features, and observed vs
+replicated per-feature statistics). Loss curves are :func:`pyro_livi.analysis.plots.plot_loss_curves`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+__all__ = ["plot_umap", "plot_probe_bars", "plot_ppc_features", "plot_ppc_statistics"]
+
+
+def plot_umap(latent, obs: pd.DataFrame, path, *, graph=None, n_neighbors: int = 15, seed: int = 0,
+              title: str | None = None, max_legend: int = 40) -> np.ndarray:
+    """UMAP of ``latent`` (n_cells, K), one panel per column of ``obs`` (colours).
+
+    ``graph`` is a kNN AnnData of this latent (:func:`pyro_livi.analysis.graph_metrics.knn_graph`),
+    built here when None. Categorical columns with more than ``max_legend`` values get no
+    legend. Writes the PNG and returns the UMAP coordinates, shape (n_cells, 2).
+    """
+    import scanpy as sc
+
+    from .graph_metrics import knn_graph
+
+    if graph is None:
+        graph = knn_graph(latent, n_neighbors=n_neighbors, seed=seed)
+    adata = graph.copy()
+    sc.tl.umap(adata, random_state=seed)
+    columns = list(obs.columns)
+    for column in columns:  # labels are categories, whatever their dtype
+        adata.obs[column] = pd.Categorical(obs[column].astype(str).to_numpy())
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 4.5), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        n_values = obs[column].nunique()
+        legend = "right margin" if n_values <= max_legend else "none"
+        sc.pl.umap(adata, color=column, ax=ax, show=False, legend_loc=legend, legend_fontsize=6,
+                   title=f"{title}: {column}" if title else column, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return np.asarray(adata.obsm["X_umap"])
+
+
+def plot_probe_bars(table: pd.DataFrame, path, *, metric: str = "accuracy") -> Path:
+    """Grouped bars of probe scores: one group per label, one bar per latent.
+
+    ``table`` has columns ``latent``, ``label``, ``<metric>``, ``<metric>_std`` and ``chance``
+    (as from :func:`pyro_livi.analysis.probes.probe_table`). The chance level (majority class)
+    of each label is a dashed line over its group.
+    """
+    labels = list(dict.fromkeys(table["label"]))
+    latents = list(dict.fromkeys(table["latent"]))
+    width = 0.8 / max(len(latents), 1)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(labels) * max(len(latents), 1) / 2, 4))
+    for j, latent in enumerate(latents):
+        rows = table[table["latent"] == latent].set_index("label").reindex(labels)
+        x = np.arange(len(labels)) + (j - (len(latents) - 1) / 2) * width
+        ax.bar(x, rows[metric], width, yerr=rows.get(f"{metric}_std"), capsize=3, label=latent)
+        for xi, value in zip(x, rows[metric]):
+            if np.isfinite(value):
+                ax.text(xi, value + 0.02, f"{value:.2f}", ha="center", fontsize=7)
+    chance = table.groupby("label")["chance"].first().reindex(labels)
+    for i, value in enumerate(chance):
+        ax.hlines(value, i - 0.45, i + 0.45, colors="grey", linestyles="--", lw=1,
+                  label="chance (majority class)" if i == 0 else None)
+    ax.set_xticks(np.arange(len(labels)), labels)
+    ax.set(ylim=(0, 1.1), ylabel=f"probe {metric.replace('_', ' ')}",
+           title="logistic-regression probes (mean over seeds)")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_ppc_features(idata, site: str, path, *, n_features: int = 6, num_pp_samples: int | None = None) -> Path:
+    """ArviZ ``plot_ppc`` of the ``n_features`` features with the highest observed mean of
+    ``site``: per feature, the distribution of counts over cells, observed vs each replicate."""
+    import arviz as az
+
+    obs = idata.observed_data[site]
+    feature_dim = obs.dims[1]
+    means = np.nanmean(obs.values.astype(np.float64), axis=0)
+    top = obs.coords[feature_dim].values[np.argsort(-means)[:n_features]]
+    axes = az.plot_ppc(idata, var_names=[site], coords={feature_dim: list(top)}, flatten=["cell"],
+                       num_pp_samples=num_pp_samples, random_seed=0, textsize=8)
+    fig = np.asarray(axes).ravel()[0].figure
+    fig.suptitle(f"{site}: posterior predictive check of the {len(top)} most expressed features", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_ppc_statistics(table: pd.DataFrame, path, *, title: str = "") -> Path:
+    """Observed vs replicated per-feature statistics (one panel per statistic of
+    :func:`pyro_livi.analysis.ppc.feature_statistics`): replicated mean with its 95% interval
+    against the observed value, features outside the interval in red, identity line."""
+    stats = [c[: -len("_ppp")] for c in table.columns if c.endswith("_ppp")]
+    fig, axes = plt.subplots(1, len(stats), figsize=(4.2 * len(stats), 4), squeeze=False)
+    for ax, name in zip(axes[0], stats):
+        obs, rep = table[f"{name}_obs"], table[f"{name}_rep_mean"]
+        lo, hi = table[f"{name}_rep_q025"], table[f"{name}_rep_q975"]
+        outside = (table[f"{name}_ppp"] < 0.025) | (table[f"{name}_ppp"] > 0.975)
+        for mask, colour, lab in ((~outside, "tab:blue", "ppp in [0.025, 0.975]"),
+                                  (outside, "tab:red", "ppp outside")):
+            ax.errorbar(obs[mask], rep[mask], yerr=[(rep - lo)[mask].clip(lower=0), (hi - rep)[mask].clip(lower=0)],
+                        fmt="o", ms=2, lw=0.5, color=colour, alpha=0.6, label=f"{lab} ({int(mask.sum())})")
+        values = np.concatenate([obs[np.isfinite(obs)], rep[np.isfinite(rep)]])
+        if name != "zero_fraction":  # means and variances span decades; zeros are not drawn
+            ax.set_xscale("log", nonpositive="mask")
+            ax.set_yscale("log", nonpositive="mask")
+            values = values[values > 0]
+        if values.size:
+            ax.plot([values.min(), values.max()], [values.min(), values.max()], color="black", lw=0.7)
+        ax.set(xlabel=f"observed {name}", ylabel=f"replicated {name}", title=name)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

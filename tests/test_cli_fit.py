@@ -1,0 +1,45 @@
+"""`pyro-livi simulate`, `fit` and `associate` from the command line, and `fit` on real data."""
+
+import pandas as pd
+import pytest
+
+from pyro_livi.cli import main
+from pyro_livi.paths import shared_data_dir
+
+ONEK1K = shared_data_dir() / "donors" / "onek1k_40donors_7811cells.h5ad"
+RUN_FILES = ["model.pt", "D.tsv", "V.tsv", "A.tsv", "cell_state.tsv", "history.tsv", "loss_curve.png",
+             "loadings_W_C.tsv", "loadings_W_DxC.tsv", "loadings_W_V.tsv", "dispersions_rna.tsv", "run.json"]
+
+
+def test_simulate_fit_associate(tmp_path):
+    sim = tmp_path / "sim"
+    assert main(["simulate", "--out", str(sim), "--seed", "2", "--n-donors", "20", "--cells-per-donor", "8",
+                 "--n-genes", "40", "--n-snps", "30"]) == 0
+    run = tmp_path / "run"
+    assert main(["fit", "--data", str(sim / "expression.h5ad"), "--donor-key", "donor", "--epochs-vae", "2",
+                 "--epochs", "2", "--n-cell-state", "4", "--n-dxc", "3", "--n-persistent", "2",
+                 "--batch-size", "64", "--out", str(run)]) == 0
+    for name in RUN_FILES:
+        assert (run / name).exists(), name
+    D = pd.read_csv(run / "D.tsv", sep="\t", index_col=0)
+    assert D.shape == (20, 3) and list(D.columns) == ["D_0", "D_1", "D_2"]
+    assert D.index[0].startswith("donor_")
+    results = tmp_path / "assoc.tsv"
+    assert main(["associate", "--run", str(run), "--genotypes", str(sim / "genotypes"), "--maf", "0.01",
+                 "--out", str(results)]) == 0
+    table = pd.read_csv(results, sep="\t")
+    assert list(table.columns) == ["factor", "snp", "beta", "se", "pvalue", "padj", "significant"]
+    assert set(table["factor"]) == {"D_0", "D_1", "D_2", "V_0", "V_1"}
+
+
+@pytest.mark.skipif(not ONEK1K.exists(), reason=f"real data absent: {ONEK1K} (set PYRO_LIVI_DATA)")
+def test_fit_on_onek1k_writes_the_run_dir(tmp_path):
+    run = tmp_path / "run"
+    assert main(["fit", "--data", str(ONEK1K), "--donor-key", "indiv", "--epochs-vae", "2", "--epochs", "2",
+                 "--n-dxc", "10", "--out", str(run)]) == 0
+    for name in RUN_FILES:
+        assert (run / name).exists(), name
+    D = pd.read_csv(run / "D.tsv", sep="\t", index_col=0)
+    assert D.shape == (40, 10)
+    cells = pd.read_csv(run / "cell_state.tsv", sep="\t", index_col=0)
+    assert cells.shape == (7811, 15)

@@ -1,0 +1,127 @@
+"""Posterior predictive checks: structure, known p-values, calibration of a true model and
+failure of a wrong one."""
+
+import anndata as ad
+import arviz as az
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pyro_livi.analysis.ppc import (
+    _site_roles,
+    feature_statistics,
+    posterior_predictive,
+    ppc_calibration,
+    ppc_table,
+)
+from pyro_livi.data import DatasetSpec, read_dataset
+from pyro_livi.errors import InputError
+from pyro_livi.models import LIVI
+
+N_CELLS, N_GENES, THETA = 400, 60, 2.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The machine's cores are shared: one torch thread keeps these small models fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _constant_mean_livi(w, likelihood):
+    """LIVI whose expression mean does not depend on the latents: every row of W_C is ``w``, so
+    softmax(c) @ W_C = w for every c, and the donor decoders are zero. Then
+    mu_ig = softmax(w)_g * size_factor_i exactly, the generative process of the simulated data."""
+    model = LIVI(N_GENES, 4, n_cell_state=3, n_dxc=2, n_persistent=2, encoder_hidden=(8,),
+                 likelihood=likelihood)
+    with torch.no_grad():
+        model.W_C.copy_(torch.as_tensor(w, dtype=torch.float32).expand(3, N_GENES))
+        model.W_DxC.zero_()
+        model.W_V.zero_()
+        if likelihood == "nb":
+            model.lik_rna_log_theta.fill_(np.log(THETA))
+    return model
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    """Overdispersed counts x_ig ~ NB(softmax(w)_g * L_i, theta = 2)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0.0, 1.0, size=N_GENES)
+    p = np.exp(w) / np.exp(w).sum()
+    library = rng.uniform(2000, 4000, size=N_CELLS)
+    mu = p[None, :] * library[:, None]
+    counts = rng.negative_binomial(THETA, THETA / (THETA + mu)).astype(np.float32)
+    obs = pd.DataFrame({"donor": [f"d{k % 4}" for k in range(N_CELLS)]},
+                       index=[f"cell{k}" for k in range(N_CELLS)])
+    adata = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(N_GENES)]))
+    return w, read_dataset(adata, DatasetSpec(modalities={"rna": None}, donor_key="donor"))
+
+
+def test_inference_data_structure(simulated):
+    w, data = simulated
+    model = _constant_mean_livi(w, "nb")
+    idata = posterior_predictive(model, data, np.arange(50), num_samples=4, batch_size=16, seed=0)
+    assert isinstance(idata, az.InferenceData)
+    assert {"posterior_predictive", "observed_data"} <= set(idata.groups())
+    rep, obs = idata.posterior_predictive["obs_rna"], idata.observed_data["obs_rna"]
+    assert rep.dims == ("chain", "draw", "cell", "feature_rna") and rep.shape == (1, 4, 50, N_GENES)
+    assert obs.dims == ("cell", "feature_rna")
+    assert list(obs.coords["cell"].values[:2]) == ["cell0", "cell1"]
+    assert obs.coords["feature_rna"].values[0] == "g0"
+    np.testing.assert_array_equal(obs.values, data.batch(np.arange(50)).x["rna"].numpy())
+    assert obs.dtype == np.int32 and rep.dtype == np.int32
+    again = posterior_predictive(model, data, np.arange(50), num_samples=4, batch_size=16, seed=0)
+    np.testing.assert_array_equal(again.posterior_predictive["obs_rna"].values, rep.values)
+
+
+def test_site_roles_separate_donor_and_cell_latents(simulated):
+    w, data = simulated
+    model = _constant_mean_livi(w, "nb")
+    global_sites, cell_sites, obs_sites = _site_roles(model, data.batch(np.arange(5)), "cells")
+    assert sorted(global_sites) == ["D", "V"]
+    assert cell_sites == ["c"] and obs_sites == ["obs_rna"]
+
+
+def test_mid_p_values_on_a_hand_made_example():
+    # one feature over two cells, observed (1, 1): mean 1, variance 0, zero fraction 0.
+    # replicates: (0, 0), (1, 1), (2, 2), (3, 1): means 0, 1, 2, 2.
+    obs = np.array([[1], [1]])
+    rep = np.array([[[0], [0]], [[1], [1]], [[2], [2]], [[3], [1]]])
+    idata = az.from_dict(posterior_predictive={"obs_x": rep[None]}, observed_data={"obs_x": obs},
+                         dims={"obs_x": ["cell", "feature_x"]})
+    table = feature_statistics(idata, "obs_x")
+    # mean: P(>1) = 2/4, P(=1) = 1/4 -> 0.625
+    assert table["mean_ppp"].iloc[0] == pytest.approx(0.625)
+    # variance: replicated variances 0, 0, 0, 2 vs observed 0 -> 1/4 + 0.5 * 3/4
+    assert table["variance_ppp"].iloc[0] == pytest.approx(0.625)
+    # zero fraction: replicated 1, 0, 0, 0 vs observed 0 -> 1/4 + 0.5 * 3/4
+    assert table["zero_fraction_ppp"].iloc[0] == pytest.approx(0.625)
+    assert table["mean_rep_mean"].iloc[0] == pytest.approx(1.25)
+    assert table["mean_obs"].iloc[0] == 1.0
+
+
+def test_true_model_is_calibrated_and_poisson_fails_the_variance_check(simulated):
+    w, data = simulated
+    true = ppc_calibration(ppc_table(posterior_predictive(_constant_mean_livi(w, "nb"), data,
+                                                          num_samples=50, seed=1)))
+    wrong = ppc_calibration(ppc_table(posterior_predictive(_constant_mean_livi(w, "poisson"), data,
+                                                           num_samples=50, seed=1)))
+    for statistic in ("mean", "variance", "zero_fraction"):
+        assert true.loc[("rna", statistic), "frac_ppp_in_interval"] >= 0.85, true
+        assert true.loc[("rna", statistic), "calibration_error"] < 1.2, true
+    # Poisson has variance = mean: the observed (NB) variance is above every replicate
+    assert wrong.loc[("rna", "variance"), "frac_ppp_in_interval"] < 0.1, wrong
+    assert wrong.loc[("rna", "variance"), "frac_ppp_low"] > 0.9, wrong
+    assert wrong.loc[("rna", "variance"), "calibration_error"] > 5, wrong
+    # ... and it predicts fewer zeros than the data have wherever zeros are common
+    assert wrong.loc[("rna", "zero_fraction"), "frac_ppp_low"] > true.loc[("rna", "zero_fraction"), "frac_ppp_low"]
+
+
+def test_bad_num_samples(simulated):
+    w, data = simulated
+    with pytest.raises(InputError, match="num_samples"):
+        posterior_predictive(_constant_mean_livi(w, "nb"), data, num_samples=0)
