@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import InputError
+
 #: Subcommand modules, in the order ``pyro-livi --help`` lists them.
 COMMAND_MODULES = (
     "simulate",
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 
 def plot_loss_curves(history: pd.DataFrame, path: str | Path) -> Path:
     """Total per-cell loss and each ELBO term / penalty per epoch, stages shaded. Writes a PNG."""
     terms = [c for c in history.columns if c.startswith(("nll_", "kl_", "penalty_"))]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)  # draws off-screen: the caller's pyplot backend is left alone
+    axes = fig.subplots(1, 2)
     axes[0].plot(history["epoch"], history["loss"], color="black")
     axes[0].set(title="loss (per cell)", xlabel="epoch", ylabel="-ELBO + penalties")
     for term in terms:
@@ -29,5 +29,4 @@ def plot_loss_curves(history: pd.DataFrame, path: str | Path) -> Path:
                     fontsize=7, va="top")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
