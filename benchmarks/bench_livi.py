@@ -8,15 +8,24 @@ For each data size (cells x genes) the benchmark simulates counts with
    frozen) for ``--epochs`` epochs per stage and reads the per-epoch cells/s it records;
 2. trains the same computation written as a plain PyTorch loss (no Pyro): encoder,
    reparameterised c, analytic KL, NB log-likelihood, the donor prior terms and the two
-   penalties, with the same trainable and frozen parameters, learning rates and minibatches;
+   penalties, with the same trainable and frozen parameters, starting learning rates and
+   minibatches;
 3. times the minibatch loader alone (CSR rows -> dense batch), the floor of both.
 
 Before timing, the plain loss is checked against Pyro's (same parameters, same noise) in both
-stages; the run stops if they differ. Peak memory is measured per stage: the peak resident set
-size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` before each epoch; without it
-the growth of ``ru_maxrss``) minus the resident size before training, and on CUDA
-``torch.cuda.max_memory_allocated``. Every size runs in its own subprocess so that sizes do not
-share memory peaks. Prints a markdown table.
+stages; the run stops if they differ. Throughput is reported as wall-clock cells/s (what a user
+sees) and as cells per CPU-second of the process (less sensitive to other load on a shared
+machine). Peak memory is measured per stage: the peak resident set size (Linux ``VmHWM``, reset
+through ``/proc/self/clear_refs`` before each epoch; without it the growth of ``ru_maxrss``)
+minus the resident size before training, and on CUDA ``torch.cuda.max_memory_allocated``.
+(``tracemalloc`` does not see torch's tensor allocations, so it is not used.) The simulated
+data of each size is written once to a temporary ``.h5ad``; the Pyro and the plain runs each
+read it in their own subprocess, so that they do not share memory peaks or warm caches.
+
+A second table splits the time of one loss + backward on one batch (CPU ms) between Pyro's
+distribution validation, the NB evaluated with theta expanded to (B, G) (as the likelihood
+registry's distribution does after broadcasting its parameters) and the plain loss.
+Prints markdown.
 
 Example::
 
@@ -180,6 +189,9 @@ class PlainLIVI(nn.Module):
         self.A_logits, self.D, self.V = copy(livi.A_logits), copy(livi.D_loc), copy(livi.V_loc)
         self.log_theta = copy(livi.lik_rna_log_theta)
         self.l1_weight, self.a_weight = livi.l1_weight, livi.a_weight
+        #: evaluate the NB with theta expanded to (B, G), as the registry's NegativeBinomial
+        #: does after broadcasting its parameters (only for the step-time breakdown)
+        self.broadcast_theta = False
 
     def groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameter groups named as in LIVI.param_groups."""
@@ -206,7 +218,10 @@ class PlainLIVI(nn.Module):
             loss = loss + batch.n_cells * (self.l1_weight * self.W_DxC.abs().sum()
                                            + self.a_weight * ((A * (1 - A)) ** 2).sum())
         mu = torch.softmax(logits, dim=-1) * sf[:, None]
-        return loss - scale * nb_log_prob(x, mu, self.log_theta.exp()).sum()
+        theta = self.log_theta.exp()
+        if self.broadcast_theta:
+            theta = theta.expand_as(mu)
+        return loss - scale * nb_log_prob(x, mu, theta).sum()
 
 
 def check_plain_matches_pyro(model, plain, batch, seed: int = 123) -> dict:
@@ -229,6 +244,58 @@ def check_plain_matches_pyro(model, plain, batch, seed: int = 123) -> dict:
         if out[stage] > 1e-4:
             raise RuntimeError(f"plain PyTorch loss {val} != Pyro loss {ref} in stage {stage}")
     model.components = set(model.components_all)
+    return out
+
+
+def step_breakdown(model, plain, batch, repeats: int, device: str) -> dict:
+    """Median milliseconds (CPU time; wall time, synchronised, on CUDA) of one loss + backward
+    on one batch, every parameter trainable,
+    per stage, for: the Pyro loss (``elbo_terms``) as the Trainer runs it (Pyro's distribution
+    validation on, its default); the same without validation; the plain loss with theta
+    expanded to (B, G) before the NB; the plain loss. The variants run interleaved."""
+    import pyro
+    from pyro.distributions.util import is_validation_enabled
+
+    from pyro_livi.infer import elbo_terms
+
+    model.to(device), plain.to(device)
+    batch = batch.to(device)
+    validation = is_validation_enabled()
+
+    def pyro_step(valid):
+        pyro.enable_validation(valid)
+        sum(elbo_terms(model.model, model.guide, batch).values()).backward()
+
+    def plain_step(donor, broadcast):
+        plain.broadcast_theta = broadcast
+        plain.loss(batch, donor=donor).backward()
+
+    out = {}
+    try:
+        for stage, components in (("vae", set()), ("donor", {"persistent", "interaction"})):
+            model.components = components
+            donor = stage == "donor"
+            variants = {"pyro": lambda: pyro_step(True), "pyro_no_validation": lambda: pyro_step(False),
+                        "plain_broadcast_theta": lambda: plain_step(donor, True),
+                        "plain": lambda: plain_step(donor, False)}
+            times = {k: [] for k in variants}
+            clock = time.perf_counter if device.startswith("cuda") else time.process_time
+            for r in range(repeats + 2):  # two warm-up rounds
+                for name, step in variants.items():
+                    start = clock()
+                    step()
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    if r >= 2:
+                        times[name].append(1000 * (clock() - start))
+            out[stage] = {k: statistics.median(v) for k, v in times.items()}
+    finally:
+        pyro.enable_validation(validation)
+        plain.broadcast_theta = False
+        model.components = set(model.components_all)
+        for module in (model, plain):
+            module.zero_grad(set_to_none=True)
+            module.to("cpu")
     return out
 
 
@@ -348,7 +415,6 @@ def run_engine(path: Path, engine: str, args) -> dict:
     """Train one engine ("pyro": the Trainer, plus the loader timing and the plain-vs-Pyro
     check; "plain": the plain PyTorch loss) on the data at ``path``, in this process."""
     import pyro
-    import scipy.sparse as sp
 
     from pyro_livi.data import DatasetSpec, read_dataset
     from pyro_livi.models import LIVI
@@ -364,12 +430,19 @@ def run_engine(path: Path, engine: str, args) -> dict:
     # Identical work in both engines' processes before the memory baseline (one loss of each
     # kind, one pass of the loader), so that the baseline includes the same warm-up.
     plain = PlainLIVI(model)
-    out["check"] = check_plain_matches_pyro(model, plain, dataset.batch(range(min(args.batch_size, dataset.n_cells))))
+    first = dataset.batch(range(min(args.batch_size, dataset.n_cells)))
+    out["check"] = check_plain_matches_pyro(model, plain, first)
     out["loader_cells_per_s"] = time_loader(dataset, args)
+    # the first Adam of a process costs about a second of one-off imports; keep it out of the
+    # first epoch's CPU time (the Trainer builds its optimiser inside fit)
+    torch.optim.Adam([nn.Parameter(torch.zeros(1))])
+    if not args.validation:
+        pyro.enable_validation(False)
     if engine == "pyro":
-        del plain
         out["baseline_rss"] = memory.current_rss()
         stages = time_trainer(model, dataset, args, memory)
+        if args.breakdown:  # after the measured training, so that it does not move the baseline
+            out["breakdown_ms"] = step_breakdown(model, plain, first, args.breakdown, args.device)
     else:
         del model
         out["baseline_rss"] = memory.current_rss()
@@ -409,6 +482,21 @@ def markdown_table(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def breakdown_table(results: list[dict]) -> str:
+    """Median CPU ms of one loss + backward on one batch (every parameter trainable)."""
+    head = ["cells x genes", "stage", "Pyro", "Pyro, validation off", "plain, theta expanded to (B, G)", "plain"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        b = r.get("pyro_breakdown_ms")
+        if not b:
+            continue
+        for stage in ("vae", "donor"):
+            t = b[stage]
+            lines.append("| " + " | ".join([f"{r['n_cells']:,} x {r['n_genes']:,}", stage] + [
+                f"{t[k]:.1f}" for k in ("pyro", "pyro_no_validation", "plain_broadcast_theta", "plain")]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def parse_size(text: str) -> tuple[int, int]:
     try:
         cells, genes = (int(v) for v in text.lower().split("x"))
@@ -433,6 +521,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-dxc", type=int, default=100, help="K_DxC (default 100)")
     p.add_argument("--n-persistent", type=int, default=5, help="K_V (default 5)")
     p.add_argument("--encoder-hidden", type=int, nargs="+", default=[128], help="encoder widths (default 128)")
+    p.add_argument("--no-validation", dest="validation", action="store_false",
+                   help="switch Pyro's distribution validation off in the Trainer run (default: on, Pyro's default)")
+    p.add_argument("--breakdown", type=int, default=10, metavar="N",
+                   help="repeats of the per-step CPU-time breakdown on one batch (0: skip; default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write all numbers to this JSON file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: PATH::ENGINE in this process
@@ -476,6 +568,7 @@ def main(argv=None) -> None:
     print(f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, pyro {info['pyro']}, "
           f"python {info['python']}; device {args.device}" + (f" ({info['gpu']})" if "gpu" in info else "")
           + f"; torch threads {info['torch_threads']}; 1-min load average at the end {info['load_average_1min']:.1f}")
+    print("Pyro distribution validation in the Trainer run: " + ("on (default)" if args.validation else "off"))
     print(f"Model: K_C {args.n_cell_state}, K_DxC {args.n_dxc}, K_V {args.n_persistent}, encoder "
           f"{args.encoder_hidden}, NB likelihood; batch {args.batch_size}; {args.epochs} epoch(s) per stage"
           + (" (median over epochs after the first)" if args.epochs > 1 else ""))
@@ -488,6 +581,12 @@ def main(argv=None) -> None:
               f"{r['plain_baseline_rss'] / KIB ** 2:,.0f} MiB (plain process)")
     print()
     print(markdown_table(results, args))
+    breakdown = breakdown_table(results)
+    if breakdown:
+        unit = "wall-clock ms (synchronised)" if args.device.startswith("cuda") else "CPU ms"
+        print(f"\n{unit} per loss + backward on one batch of {args.batch_size} cells (median of "
+              f"{args.breakdown}; every parameter trainable):\n")
+        print(breakdown)
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": info, "args": vars(args) | {"json": str(args.json)},
                                          "results": results}, indent=2, default=str))

@@ -29,8 +29,9 @@ class DemoSettings:
     n_dxc: int = 8
     n_persistent: int = 4
     encoder_hidden: tuple = (128,)
-    epochs_vae: int = 40
+    epochs_vae: int = 60
     epochs: int = 300
+    lr: float = 3e-3
     patience: int = 20
     batch_size: int = 256
     fdr: float = 0.05
@@ -78,6 +79,7 @@ def run_demo(out: str | Path, *, seed: int = 0, config: SimulationConfig | None 
     say(f"[2/4] fitting LIVI on {sim.adata.n_obs} cells")
     result = fit(sim.adata, donor_key="donor", label_keys=["cell_type"], epochs_vae=settings.epochs_vae,
                  epochs=settings.epochs, patience=settings.patience, batch_size=settings.batch_size,
+                 lr=settings.lr,
                  seed=seed, progress=progress, out=out / "run", n_cell_state=settings.n_cell_state,
                  n_dxc=settings.n_dxc, n_persistent=settings.n_persistent,
                  encoder_hidden=settings.encoder_hidden)

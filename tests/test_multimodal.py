@@ -15,6 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
 from pyro_livi.analysis.associate_run import read_run_factors
+from pyro_livi.analysis.latents import assignment_table
 from pyro_livi.data import DatasetSpec, read_dataset
 from pyro_livi.errors import InputError
 from pyro_livi.infer import Trainer, TrainingConfig, elbo_terms, livi_stages
@@ -28,6 +29,15 @@ from pyro_livi.simulate import SimulationConfig, simulate
 MODALITIES = {"rna": None, "prot": None}
 SMALL = dict(n_dxc=2, n_persistent=1)
 SIZE = {MultiSLIVI: {"n_cell_state": 4}, DMLIVI: {"n_shared": 4}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small models train faster on one thread than on oversubscribed shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +97,23 @@ def test_sites_and_registration(cls, dataset):
 
 
 @pytest.mark.parametrize("cls", [MultiSLIVI, DMLIVI])
+def test_covariate_offsets_per_modality(cls, sim):
+    mdata = sim.mdata.copy()
+    mdata.obs["site"] = np.where(np.arange(mdata.n_obs) % 2 == 0, "a", "b")
+    data = read_dataset(mdata, DatasetSpec(modalities=MODALITIES, donor_key="donor", covariate_keys=["site"]))
+    model = _build(cls, data)
+    assert model.cov_offset__prot_0.shape == (2, 20) and model.cov_offset__rna_0.shape == (2, 60)
+    batch = data.batch(np.arange(10))
+    before = model._mean("prot", torch.zeros(10, model.W_C__prot.shape[0]), None, batch, None)
+    with torch.no_grad():
+        model.cov_offset__prot_0[1, 0] = 2.0  # protein 0 up in site "b" (odd cells)
+    after = model._mean("prot", torch.zeros(10, model.W_C__prot.shape[0]), None, batch, None)
+    ratio = (after / before).detach()
+    assert torch.allclose(ratio[0::2], torch.ones(5, 20))  # site "a" unchanged
+    assert (ratio[1::2, 0] > 1).all() and (ratio[1::2, 1:] < 1).all()
+
+
+@pytest.mark.parametrize("cls", [MultiSLIVI, DMLIVI])
 def test_modality_weight_scales_its_observation_term_only(cls, dataset):
     batch = dataset.batch(np.arange(40))
     base = _build(cls, dataset)
@@ -104,7 +131,8 @@ def test_penalties_are_per_cell_times_n_cells(dataset):
     terms = _terms(model, batch)
     n = dataset.n_cells
     assert terms["penalty_l1_W_DxC_rna"] == pytest.approx(n * 1e-3 * model.W_DxC__rna.abs().sum().item(), rel=1e-5)
-    assert terms["penalty_l1_W_DxC_prot"] == pytest.approx(n * 1e-2 * model.W_DxC__prot.abs().sum().item(), rel=1e-5)
+    l1_prot = n * 1e-2 * model.W_DxC__prot.abs().sum().item()
+    assert terms["penalty_l1_W_DxC_prot"] == pytest.approx(l1_prot, rel=1e-5)
     A = model.A.detach()
     assert terms["penalty_A"] == pytest.approx(n * 1e-3 * ((A * (1 - A)) ** 2).sum().item(), rel=1e-5)
     with torch.no_grad():
@@ -117,6 +145,21 @@ def test_penalties_are_per_cell_times_n_cells(dataset):
     assert terms["penalty_disent"] == pytest.approx(n * 0.5 * disent, rel=1e-4)
     no_latent_penalties = _build(DMLIVI, dataset, align_weight=0.0, disent_weight=0.0)
     assert not {"penalty_align", "penalty_disent"} & set(_terms(no_latent_penalties, batch))
+
+
+def test_dmlivi_options_specific_interaction_and_plain_product(dataset):
+    model = _build(DMLIVI, dataset, interaction_input="shared_specific", prior_expert=False)
+    assert model.A.shape == (4 + 5 + 2, 2)  # shared, RNA-specific (5) and protein-specific (2) rows
+    rows = assignment_table(model).index.tolist()
+    assert rows == [f"c_{k}" for k in range(4)] + [f"s_rna_{k}" for k in range(5)] + ["s_prot_0", "s_prot_1"]
+    batch = dataset.batch(np.arange(32))
+    assert all(np.isfinite(v) for v in _terms(model, batch).values())
+    with torch.no_grad():
+        (_, scale), ex = model.encode(batch), model.experts(batch)
+        precision = ex["shared"]["rna"][1] ** -2 + ex["shared"]["prot"][1] ** -2  # no prior expert
+        torch.testing.assert_close(scale, precision.rsqrt())
+    loadings = model.loadings()
+    assert loadings["W_C__prot"].shape == (4, 20) and loadings["W_S__prot"].shape == (2, 20)
 
 
 # -------------------------------------------------------------------- missing modality
@@ -153,8 +196,8 @@ def test_dmlivi_embeds_cells_without_protein(partial):
 
 def test_fit_accepts_partial_protein_for_dmlivi_only(partial, tmp_path):
     mdata, keep = partial
-    result = fit(mdata, donor_key="donor", model="dmlivi", modalities=MODALITIES, optional_modalities=["prot"], out=tmp_path,
-                 epochs_vae=2, epochs=1, batch_size=128, progress=False, n_shared=4, **SMALL)
+    result = fit(mdata, donor_key="donor", model="dmlivi", modalities=MODALITIES, optional_modalities=["prot"],
+                 out=tmp_path, epochs_vae=2, epochs=1, batch_size=128, progress=False, n_shared=4, **SMALL)
     cells = result.tables["cell_state"]
     assert cells.shape == (len(keep), 4) and np.isfinite(cells.to_numpy()).all()
     assert (result.tables["specific_state_prot"].to_numpy()[~keep] == 0).all()
@@ -238,11 +281,20 @@ def _accuracy(features, labels):
     return cross_val_score(LogisticRegression(max_iter=2000), features, labels, cv=3).mean()
 
 
-@pytest.mark.parametrize("name", ["multislivi", "dmlivi"])
-def test_end_to_end_fit_writes_run_dir_and_separates_cell_types(name, sim, tmp_path):
+# Cell-type accuracy of the cell state (chance 1/3). Thresholds sit below the range measured on
+# this data over other fit seeds (0-4, 40 or 60 VAE epochs): MultiSLIVI with the softmax link
+# 0.78-1.00 (it sometimes merges two types), with the identity link 1.00 (seeds 1-3); DMLIVI's
+# shared c 0.84-1.00 and its shared and specific latents together 1.00.
+@pytest.mark.parametrize("name, options, threshold", [
+    ("multislivi", {}, 0.75),
+    ("multislivi", {"link": "identity"}, 0.95),
+    ("dmlivi", {}, 0.7),
+])
+def test_end_to_end_fit_writes_run_dir_and_separates_cell_types(name, options, threshold, sim, tmp_path):
     size = {"n_cell_state": 4} if name == "multislivi" else {"n_shared": 4}
     result = fit(sim.mdata, donor_key="donor", model=name, modalities=MODALITIES, epochs_vae=40, epochs=10,
-                 batch_size=128, progress=False, out=tmp_path, modality_weights={"prot": 5.0}, **size, **SMALL)
+                 batch_size=128, progress=False, out=tmp_path, modality_weights={"prot": 5.0}, **size, **SMALL,
+                 **options)
     for table in ("D", "V", "A", "cell_state", "loadings_W_C__prot", "loadings_W_DxC__rna", "dispersions_prot"):
         assert (tmp_path / f"{table}.tsv").exists(), table
     factors, files = read_run_factors(tmp_path)  # what `pyro-livi associate` reads
@@ -254,13 +306,11 @@ def test_end_to_end_fit_writes_run_dir_and_separates_cell_types(name, sim, tmp_p
     assert vae["nll_obs_prot"].iloc[-1] < vae["nll_obs_prot"].iloc[0]
     labels = sim.mdata.obs["cell_type"].to_numpy()
     cells = pd.read_csv(tmp_path / "cell_state.tsv", sep="\t", index_col=0).to_numpy()
-    if name == "multislivi":
-        assert _accuracy(cells, labels) > 0.9
-    else:
+    assert _accuracy(cells, labels) > threshold
+    if name == "dmlivi":
         specific = [pd.read_csv(tmp_path / f"specific_state_{m}.tsv", sep="\t", index_col=0).to_numpy()
                     for m in ("rna", "prot")]
-        assert _accuracy(np.hstack([cells, *specific]), labels) > 0.9  # all embeddings
-        assert _accuracy(cells, labels) > 0.6  # the shared embedding alone (chance: 1/3)
+        assert _accuracy(np.hstack([cells, *specific]), labels) > 0.95  # shared and specific latents
     loaded, _ = load_model(tmp_path)
     assert type(loaded) is type(result.model)
 

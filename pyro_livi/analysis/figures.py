@@ -1,22 +1,34 @@
-"""Evaluation figures, written as PNG files (matplotlib's Agg backend).
+"""Evaluation figures, written as PNG files.
 
 UMAP of a latent coloured by labels (scanpy), probe accuracies as a bar chart, and posterior
 predictive checks (ArviZ's ``plot_ppc`` on the most expressed features, and observed vs
 replicated per-feature statistics). Loss curves are :func:`pyro_livi.analysis.plots.plot_loss_curves`.
+Every figure is drawn off-screen on its own Agg canvas (scanpy and ArviZ draw into axes given to
+them), so the caller's pyplot backend and open figures are left alone.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 __all__ = ["plot_umap", "plot_probe_bars", "plot_ppc_features", "plot_ppc_statistics"]
+
+
+def _figure(nrows: int, ncols: int, figsize) -> tuple[Figure, np.ndarray]:
+    """An off-screen figure and its axes as a (nrows, ncols) array."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, np.asarray(fig.subplots(nrows, ncols, squeeze=False))
+
+
+def _save(fig: Figure, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot_umap(latent, obs: pd.DataFrame, path, *, graph=None, n_neighbors: int = 15, seed: int = 0,
@@ -38,15 +50,13 @@ def plot_umap(latent, obs: pd.DataFrame, path, *, graph=None, n_neighbors: int =
     columns = list(obs.columns)
     for column in columns:  # labels are categories, whatever their dtype
         adata.obs[column] = pd.Categorical(obs[column].astype(str).to_numpy())
-    fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 4.5), squeeze=False)
+    fig, axes = _figure(1, len(columns), (5.5 * len(columns), 4.5))
     for ax, column in zip(axes[0], columns):
         n_values = obs[column].nunique()
         legend = "right margin" if n_values <= max_legend else "none"
         sc.pl.umap(adata, color=column, ax=ax, show=False, legend_loc=legend, legend_fontsize=6,
                    title=f"{title}: {column}" if title else column, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return np.asarray(adata.obsm["X_umap"])
 
 
@@ -60,7 +70,8 @@ def plot_probe_bars(table: pd.DataFrame, path, *, metric: str = "accuracy") -> P
     labels = list(dict.fromkeys(table["label"]))
     latents = list(dict.fromkeys(table["latent"]))
     width = 0.8 / max(len(latents), 1)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(labels) * max(len(latents), 1) / 2, 4))
+    fig, axes = _figure(1, 1, (1.8 + 1.6 * len(labels) * max(len(latents), 1) / 2, 4))
+    ax = axes[0, 0]
     for j, latent in enumerate(latents):
         rows = table[table["latent"] == latent].set_index("label").reindex(labels)
         x = np.arange(len(labels)) + (j - (len(latents) - 1) / 2) * width
@@ -76,28 +87,43 @@ def plot_probe_bars(table: pd.DataFrame, path, *, metric: str = "accuracy") -> P
     ax.set(ylim=(0, 1.1), ylabel=f"probe {metric.replace('_', ' ')}",
            title="logistic-regression probes (mean over seeds)")
     ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return Path(path)
 
 
-def plot_ppc_features(idata, site: str, path, *, n_features: int = 6, num_pp_samples: int | None = None) -> Path:
+def plot_ppc_features(idata, site: str, path, *, n_features: int = 6, num_pp_samples: int | None = None,
+                      log1p: bool = True) -> Path:
     """ArviZ ``plot_ppc`` of the ``n_features`` features with the highest observed mean of
-    ``site``: per feature, the distribution of counts over cells, observed vs each replicate."""
+    ``site``: per feature, the distribution over cells of the observed values and of each
+    replicate. With ``log1p`` (default) the values are shown as log(1 + count), where count
+    distributions spanning decades (and bimodal ones, such as antibody background and
+    foreground) are readable."""
     import arviz as az
 
     obs = idata.observed_data[site]
     feature_dim = obs.dims[1]
     means = np.nanmean(obs.values.astype(np.float64), axis=0)
-    top = obs.coords[feature_dim].values[np.argsort(-means)[:n_features]]
-    axes = az.plot_ppc(idata, var_names=[site], coords={feature_dim: list(top)}, flatten=["cell"],
-                       num_pp_samples=num_pp_samples, random_seed=0, textsize=8)
-    fig = np.asarray(axes).ravel()[0].figure
-    fig.suptitle(f"{site}: posterior predictive check of the {len(top)} most expressed features", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    top = list(obs.coords[feature_dim].values[np.argsort(-means)[:n_features]])
+    obs = obs.sel({feature_dim: top})
+    rep = idata.posterior_predictive[site].sel({feature_dim: top})
+    if log1p:
+        obs, rep = np.log1p(obs.astype(np.float64)), np.log1p(rep.astype(np.float64))
+    subset = az.from_dict(posterior_predictive={site: rep.values}, observed_data={site: obs.values},
+                          coords={"cell": obs.coords["cell"].values, feature_dim: top},
+                          dims={site: ["cell", feature_dim]})
+    ncols = min(3, len(top))
+    nrows = -(-len(top) // ncols)
+    fig, axes = _figure(nrows, ncols, (5.5 * ncols, 3.6 * nrows))
+    for ax in axes.ravel()[len(top):]:
+        ax.set_axis_off()
+    az.plot_ppc(subset, var_names=[site], flatten=["cell"], num_pp_samples=num_pp_samples,
+                random_seed=0, textsize=8, ax=axes.ravel()[:len(top)])
+    for ax in axes.ravel()[:len(top)]:
+        if log1p:
+            ax.set_xlabel(ax.get_xlabel().replace(site, f"log1p({site})"))
+    fig.suptitle(f"{site}: posterior predictive check of the {len(top)} most expressed features"
+                 + (" (log1p scale)" if log1p else ""), fontsize=9)
+    _save(fig, path)
     return Path(path)
 
 
@@ -106,7 +132,7 @@ def plot_ppc_statistics(table: pd.DataFrame, path, *, title: str = "") -> Path:
     :func:`pyro_livi.analysis.ppc.feature_statistics`): replicated mean with its 95% interval
     against the observed value, features outside the interval in red, identity line."""
     stats = [c[: -len("_ppp")] for c in table.columns if c.endswith("_ppp")]
-    fig, axes = plt.subplots(1, len(stats), figsize=(4.2 * len(stats), 4), squeeze=False)
+    fig, axes = _figure(1, len(stats), (4.2 * len(stats), 4))
     for ax, name in zip(axes[0], stats):
         obs, rep = table[f"{name}_obs"], table[f"{name}_rep_mean"]
         lo, hi = table[f"{name}_rep_q025"], table[f"{name}_rep_q975"]
@@ -126,7 +152,5 @@ def plot_ppc_statistics(table: pd.DataFrame, path, *, title: str = "") -> Path:
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return Path(path)

@@ -127,9 +127,16 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
         graphs[name] = knn_graph(latent, n_neighbors=n_neighbors, seed=seed)
         clusterings = leiden_clusterings(graphs[name], resolutions, seed=seed)
         for key in labels:
-            metrics = graph_metrics(latent, dataset.obs[key].to_numpy(),
-                                    None if key == donor_key else donors, graph=graphs[name],
-                                    clusterings=clusterings, seed=seed)
+            values = dataset.obs[key].to_numpy()
+            batches = None if key == donor_key else donors
+            labelled = dataset.obs[key].notna().to_numpy()
+            if labelled.all():
+                metrics = graph_metrics(latent, values, batches, graph=graphs[name],
+                                        clusterings=clusterings, seed=seed)
+            else:  # unlabelled cells are left out: a graph of the labelled ones
+                metrics = graph_metrics(latent[labelled], values[labelled],
+                                        None if batches is None else batches[labelled],
+                                        n_neighbors=n_neighbors, resolutions=resolutions, seed=seed)
             metrics["isolated_labels"] = ", ".join(metrics["isolated_labels"])
             graph_rows.append({"latent": name, "label": key, **metrics})
     graph = pd.DataFrame(graph_rows)
@@ -175,7 +182,8 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
                             figures=figures, timings=timings, context=context)
     metrics_long(evaluation).to_csv(out / "metrics.tsv", sep="\t", index=False)
     write_report(evaluation, out / "report.md", donor_key=donor_key, n_pcs=n_pcs,
-                 ppc_cells=ppc_cells if ppc_idx is not None else dataset.n_cells, ppc_samples=ppc_samples)
+                 ppc_cells=ppc_cells if ppc_idx is not None else dataset.n_cells, ppc_samples=ppc_samples,
+                 n_seeds=len(tuple(probe_seeds)), n_neighbors=n_neighbors)
     return evaluation
 
 
@@ -212,7 +220,7 @@ def _markdown_table(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
 
 
 def write_report(evaluation: Evaluation, path, *, donor_key: str, n_pcs: int, ppc_cells: int,
-                 ppc_samples: int) -> Path:
+                 ppc_samples: int, n_seeds: int = 5, n_neighbors: int = 15) -> Path:
     """Write ``report.md`` from an :class:`Evaluation`."""
     path = Path(path)
     ev = evaluation
@@ -222,8 +230,8 @@ def write_report(evaluation: Evaluation, path, *, donor_key: str, n_pcs: int, pp
         lines.append(f"- {key}: {value}")
     lines += ["", "## Linear probes", "",
               f"Multinomial logistic regression on standardised latent coordinates, "
-              f"{int(ev.probes.get('n_cells', pd.Series([0])).max())} cells, 5 seeded stratified "
-              "80/20 splits; mean (standard deviation) held-out accuracy. "
+              f"{int(ev.probes.get('n_cells', pd.Series([0])).max())} cells, {n_seeds} seeded "
+              "stratified 80/20 splits; mean (standard deviation) held-out accuracy. "
               f"`{CELL_STATE}` is the model's posterior-mean cell state; `{baseline}` the first "
               f"{n_pcs} principal components of log-normalised counts (normalize_total, log1p, PCA). "
               "Chance is the fraction of the most frequent class.", ""]
@@ -250,7 +258,8 @@ def write_report(evaluation: Evaluation, path, *, donor_key: str, n_pcs: int, pp
             lines += ["", f"Per-class accuracy of the `{key}` probe from the cell state:", "",
                       _markdown_table(series.rename("accuracy").reset_index())]
     lines += ["", "## Graph metrics", "",
-              "kNN graph (scanpy, 15 neighbours) of each latent; ARI/NMI between the label and "
+              f"kNN graph (scanpy, {n_neighbors} neighbours) of each latent; ARI/NMI between the "
+              "label and "
               "the Leiden clustering with the highest NMI over the scanned resolutions; "
               "silhouettes rescaled to [0, 1]; graph connectivity as in scIB; isolated labels are "
               f"the label values present in the fewest donors (`{donor_key}`), not computed for the "

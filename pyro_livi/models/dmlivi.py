@@ -77,12 +77,16 @@ class DMLIVI(MultimodalLIVIBase):
     encoder_input : "log1p" (default) or "raw".
     likelihoods, modality_weights, donor_guide, l1_weight, a_weight, counts_sample :
         as in :class:`~pyro_livi.models.MultiSLIVI`.
-    link : map of c into the decoders, "identity" (default, eq. 14-15) or "softmax".
+    link : map of c into the decoders, "identity" (default, as W_C^m [c; s^m] in eq. 14-15)
+        or "softmax" (LIVI's reference). With softmax(c) beside the linear s^m the decoders
+        tend to use s^m alone and q(c) collapses to the prior (seen on simulated data), hence
+        the identity default here.
     interaction_link : map of c into the interaction, "softmax" (default, eq. 13) or
         "identity".
     prior_expert : include the N(0, I) expert in the product (default; DESIGN section 5);
         False gives the plain product of the modality experts (appendix A.2).
-    interaction_input : "shared" (eq. 13, default) or "shared_specific" ([link(c); s^m]).
+    interaction_input : "shared" (eq. 13, default) or "shared_specific"
+        ([interaction_link(c); s^m] enters the interaction).
     align_weight, disent_weight : lambda_align, lambda_disent (per cell; 0 removes the site).
     """
 
@@ -122,7 +126,8 @@ class DMLIVI(MultimodalLIVIBase):
         super().__init__(name=name)
         modalities = tuple(n_features)
         self.n_shared = int(n_shared)
-        self.n_specific = {m: int(k) for m, k in _first_or_rest(n_specific, modalities, 5, 2, "n_specific").items()}
+        self.n_specific = {m: int(k) for m, k in
+                           _first_or_rest(n_specific, modalities, 5, 2, "n_specific").items()}
         shared_hidden = {m: list(h) for m, h in _first_or_rest(
             _hidden_mapping(shared_encoder_hidden, modalities), modalities, (128,), (64,),
             "shared_encoder_hidden").items()}
@@ -200,18 +205,14 @@ class DMLIVI(MultimodalLIVIBase):
     def model(self, batch: Batch, observed: bool = True):
         D, V = self._donor_sites()
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
-            c = pyro.sample("c", dist.Normal(self.A_logits.new_zeros(self.n_shared), 1.0).to_event(1))
-            s = {m: pyro.sample(f"s_{m}", dist.Normal(self.A_logits.new_zeros(self.n_specific[m]), 1.0).to_event(1))
+            c = pyro.sample("c", self._standard_normal(batch, self.n_shared))
+            s = {m: pyro.sample(f"s_{m}", self._standard_normal(batch, self.n_specific[m]))
                  for m in self.modalities}
             h, g = self.link(c), self.interaction_link(c)
-            A = self.A if D is not None else None
-            z = (g @ A) * D[batch.donor] if D is not None and self.interaction_input == "shared" else None  # eq. 13
             for m in self.modalities:
                 u = torch.cat([h, s[m]], dim=-1)  # eq. 14-15: W_C^m acts on [link(c); s^m]
-                z_m = z
-                if D is not None and self.interaction_input == "shared_specific":
-                    z_m = (torch.cat([g, s[m]], dim=-1) @ A[self._a_rows[m]]) * D[batch.donor]
-                self._observe_weighted(m, self._mean(m, u, z_m, batch, V), u, batch, observed)
+                z = self._interaction(g, s[m], m, batch, D)  # eq. 13
+                self._observe_weighted(m, self._mean(m, u, z, batch, V), u, batch, observed)
         if D is not None:
             self._decoder_penalties(batch)
         self._latent_penalties(batch)
@@ -224,6 +225,16 @@ class DMLIVI(MultimodalLIVIBase):
             pyro.sample("c", dist.Normal(*post["c"]).to_event(1))
             for m in self.modalities:
                 pyro.sample(f"s_{m}", dist.Normal(*post[f"s_{m}"]).to_event(1))
+
+    def _interaction(self, g: torch.Tensor, s_m: torch.Tensor, m: str, batch: Batch, D) -> torch.Tensor | None:
+        """z (B, K_DxC) for modality m from g = interaction_link(c) (B, K_shared) and s^m (B, K_m):
+        (g A) * d_y (eq. 13), or ([g; s^m] A_m) * d_y with interaction_input="shared_specific";
+        None while the interaction is off."""
+        if D is None:
+            return None
+        if self.interaction_input == "shared":
+            return (g @ self.A) * D[batch.donor]
+        return (torch.cat([g, s_m], dim=-1) @ self.A[self._a_rows[m]]) * D[batch.donor]
 
     def _latent_penalties(self, batch: Batch) -> None:
         """L_align and L_disent as factor sites, per cell (times n_cells), from the encoders'

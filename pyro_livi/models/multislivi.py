@@ -156,6 +156,10 @@ class MultimodalLIVIBase(ZooModel):
             logits = logits + getattr(self, f"cov_offset__{m}_{k}")[batch.covariates[:, k]]
         return torch.softmax(logits, dim=-1) * batch.size_factor[m][:, None]
 
+    def _standard_normal(self, batch: Batch, n_latent: int):
+        """The N(0, I) prior of a per-cell latent of dimension ``n_latent``."""
+        return dist.Normal(batch.size_factor[self.modalities[0]].new_zeros(n_latent), 1.0).to_event(1)
+
     def _observe_weighted(self, m: str, mean: torch.Tensor, u: torch.Tensor, batch: Batch, observed: bool):
         """``obs_<m>`` scaled by the modality weight lambda_m, absent cells masked."""
         with poutine.scale(scale=self.modality_weights[m]):
@@ -293,7 +297,7 @@ class MultiSLIVI(MultimodalLIVIBase):
     def model(self, batch: Batch, observed: bool = True):
         D, V = self._donor_sites()
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
-            c = pyro.sample("c", dist.Normal(self.A_logits.new_zeros(self.n_cell_state), 1.0).to_event(1))
+            c = pyro.sample("c", self._standard_normal(batch, self.n_cell_state))
             h = self.link(c)
             z = (h @ self.A) * D[batch.donor] if D is not None else None  # eq. 6
             for m in self.modalities:  # eq. 7-10, weighted by lambda_m (eq. 11)
