@@ -14,7 +14,7 @@ from pyro.infer import Predictive
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
-from pyro_livi.analysis.associate_run import read_run_factors
+from pyro_livi.analysis.associate_run import read_run_factors, run_associate
 from pyro_livi.analysis.latents import assignment_table
 from pyro_livi.data import DatasetSpec, read_dataset
 from pyro_livi.errors import InputError
@@ -24,7 +24,7 @@ from pyro_livi.models import DMLIVI, MODELS, MultiSLIVI
 from pyro_livi.persistence import load_model, save_model
 from pyro_livi.poe import product_of_experts
 from pyro_livi.run import fit
-from pyro_livi.simulate import SimulationConfig, simulate
+from pyro_livi.simulate import SimulationConfig, simulate, write_simulation
 
 MODALITIES = {"rna": None, "prot": None}
 SMALL = dict(n_dxc=2, n_persistent=1)
@@ -300,6 +300,10 @@ def test_end_to_end_fit_writes_run_dir_and_separates_cell_types(name, options, t
     factors, files = read_run_factors(tmp_path)  # what `pyro-livi associate` reads
     assert list(factors.index) == list(sim.donors) and list(factors.columns) == ["D_0", "D_1", "V_0"]
     assert np.isfinite(factors.to_numpy()).all()
+    files = write_simulation(sim, tmp_path / "simulation")
+    results, _ = run_associate(tmp_path, files["bed"].with_suffix(""), out=tmp_path / "assoc.tsv", maf=0.01,
+                               progress=False, plots=False)
+    assert set(results["factor"]) == {"D_0", "D_1", "V_0"} and results["pvalue"].between(0, 1).all()
     history = pd.read_csv(tmp_path / "history.tsv", sep="\t")
     assert {"nll_obs_rna", "nll_obs_prot"} <= set(history.columns)
     vae = history[history.stage == "vae"]
