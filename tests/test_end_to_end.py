@@ -4,6 +4,7 @@ the association scan of its donor factors recovers the planted trans-eQTLs."""
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.optimize import linear_sum_assignment
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
@@ -40,46 +41,34 @@ def test_cell_state_separates_cell_types(demo):
     assert accuracy >= 0.9
 
 
-def donor_factors(out, kind):
-    truth = pd.read_csv(out / "simulation" / "truth" / f"{kind}.tsv", sep="\t", index_col=0)
-    fitted = pd.concat([pd.read_csv(out / "run" / f"{k}.tsv", sep="\t", index_col=0) for k in "DV"], axis=1)
-    return truth, fitted.loc[truth.index]
-
-
-def test_planted_donor_factors_lie_in_the_fitted_donor_space(demo):
-    """Each planted D and V factor is a linear combination of the fitted donor factors.
-
-    In-sample R^2 of a regression on the 12 fitted factors over 120 donors is about 0.1 by
-    chance; the planted factors must reach 0.8.
-    """
+def test_each_planted_d_factor_is_matched_by_a_fitted_d_factor(demo):
+    """After one-to-one matching, every planted D factor has a fitted D factor with |r| >= 0.7."""
     out, _ = demo
-    for kind in ("D", "V"):
-        truth, fitted = donor_factors(out, kind)
-        assert len(truth) >= 100
-        X = np.column_stack([np.ones(len(fitted)), fitted.to_numpy()])
-        for column in truth:
-            y = truth[column].to_numpy()
-            residual = y - X @ np.linalg.lstsq(X, y, rcond=None)[0]
-            r2 = 1 - residual.var() / y.var()
-            assert r2 >= 0.8, f"planted {column}: R^2 {r2:.3f} on the fitted donor factors"
+    truth = pd.read_csv(out / "simulation" / "truth" / "D.tsv", sep="\t", index_col=0)
+    fitted = pd.read_csv(out / "run" / "D.tsv", sep="\t", index_col=0).loc[truth.index]
+    assert len(truth) >= 100
+    k = truth.shape[1]
+    r = np.abs(np.corrcoef(truth.to_numpy().T, fitted.to_numpy().T)[:k, k:])
+    rows, cols = linear_sum_assignment(-r)
+    assert np.all(r[rows, cols] >= 0.7), f"matched |r| of the planted D factors: {np.round(r[rows, cols], 3)}"
 
 
-def test_association_is_calibrated_and_enriched_for_planted_snps(demo):
-    """Genomic inflation within [0.9, 1.1]; significant pairs are dominated by planted SNPs
-    (whose base rate among all SNPs is 6 / 2000)."""
+def test_planted_d_trans_eqtls_are_found_with_few_false_discoveries(demo):
+    """At FDR 5%: every SNP planted on a D factor is found; at most 10% of discoveries are not
+    planted; the genomic inflation stays within [0.9, 1.1]."""
     _, recovery = demo
+    assert recovery["power_D"] >= 0.8, recovery
+    assert recovery["false_discovery_proportion"] <= 0.10, recovery
     assert 0.9 <= recovery["lambda_gc"] <= 1.1, recovery
-    assert recovery["n_planted_found"] >= 1, recovery
-    precision = 1 - recovery["false_discovery_proportion"]
-    assert precision >= 0.5, recovery
 
 
 def test_score_recovery_counts_found_and_false_pairs():
     results = pd.DataFrame({"factor": ["D_0", "D_1", "V_0", "D_0"], "snp": ["s1", "s1", "s9", "s2"],
                             "significant": [True, True, True, False]})
-    effects = pd.DataFrame({"snp": ["s1", "s2"]})
+    effects = pd.DataFrame({"snp": ["s1", "s2"], "kind": ["D", "V"]})
     r = score_recovery(results, effects)
     assert (r["n_planted_found"], r["n_significant_pairs"], r["n_false_pairs"]) == (1, 3, 1)
+    assert (r["power_D"], r["power_V"]) == (1.0, 0.0)
     assert r["missed_snps"] == ["s2"] and r["false_discovery_proportion"] == pytest.approx(1 / 3)
 
 

@@ -26,6 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--protein-likelihood", default="nb",
                    help="multislivi/dmlivi: likelihood of every modality after the first "
                    "(nb, nb_mixture, ...)")
+    p.add_argument("--link", choices=["softmax", "identity"], default=None,
+                   help="link of the cell-state decoder term (default: the model's own; "
+                   "softmax for livi and multislivi, identity for dmlivi)")
     p.add_argument("--epochs-vae", type=int, default=60, help="epochs of the VAE stage")
     p.add_argument("--epochs", type=int, default=200, help="maximum epochs of the donor stage")
     p.add_argument("--warmup-epochs-G", type=int, default=0, help="epochs of V alone before D joins")
@@ -57,6 +60,8 @@ def _modalities(text: str, layer: str | None) -> dict:
 def _model_options(args) -> dict:
     """Constructor options of the chosen model from the command line."""
     common = dict(n_dxc=args.n_dxc, n_persistent=args.n_persistent, donor_guide=args.donor_guide)
+    if args.link is not None:
+        common["link"] = args.link
     if args.model == "livi":
         return dict(likelihood=args.likelihood, n_cell_state=args.n_cell_state, **common)
     first, *rest = _modalities(args.modalities or "rna,prot", args.layer)

@@ -6,7 +6,7 @@ Generative model, for cell i of donor y(i) with counts x_i over G genes::
     c_i ~ Normal(0, I_{K_C})                                       cell plate
     s_i = link(c_i)                          (softmax by default, DESIGN section 3)
     A   = sigmoid(A_logits)                                        K_C x K_DxC
-    z_i = (s_i A) * d_y(i)                                         eq. 2
+    z_i = (softmax(c_i) A) * d_y(i)                                eq. 2
     l_i = s_i W_C + z_i W_DxC + v_y(i) W_V + sum_k offset_k[cov_ik]  eq. 3 (bias-free)
     mu_i = softmax(l_i) * size_factor_i
     x_i ~ Likelihood(mu_i, theta)            ("nb" by default; any registered name)
@@ -50,7 +50,8 @@ class LIVI(ZooModel):
     n_cell_state, n_dxc, n_persistent : K_C, K_DxC, K_V.
     encoder_hidden : widths of the encoder's MLP blocks.
     likelihood : registered likelihood name for ``obs_rna`` (see :mod:`pyro_livi.likelihoods`).
-    link : "softmax" (reference) or "identity" (the paper's ``W_C c``).
+    link : link of the cell-state term, "softmax" (reference) or "identity" (the paper's
+        ``W_C c``). The interaction always uses ``softmax(c)`` (eq. 2).
     donor_guide : "delta" (point estimates, default) or "normal" (posterior uncertainty).
     l1_weight, a_weight : penalty weights, per cell (reference units).
     batch_norm : BatchNorm over genes before the softmax (reference option, off by default).
@@ -136,11 +137,11 @@ class LIVI(ZooModel):
         """Cell-state x interaction assignment matrix, sigmoid(A_logits), (K_C, K_DxC)."""
         return torch.sigmoid(self.A_logits)
 
-    def _logits(self, s: torch.Tensor, batch: Batch, D=None, V=None) -> torch.Tensor:
-        """Per-gene logits l_i (B, G) of eq. 3 from s = link(c) (B, K_C)."""
-        logits = s @ self.W_C
+    def _logits(self, c: torch.Tensor, batch: Batch, D=None, V=None) -> torch.Tensor:
+        """Per-gene logits l_i (B, G) of eq. 3 from the cell state c (B, K_C)."""
+        logits = self.link(c) @ self.W_C
         if D is not None:
-            z = (s @ self.A) * D[batch.donor]  # eq. 2
+            z = (torch.softmax(c, dim=-1) @ self.A) * D[batch.donor]  # eq. 2
             logits = logits + z @ self.W_DxC
         if V is not None:
             logits = logits + V[batch.donor] @ self.W_V
@@ -161,9 +162,8 @@ class LIVI(ZooModel):
                 D = pyro.sample("D", dist.Normal(self.W_DxC.new_zeros(self.n_dxc), 1.0).to_event(1))
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             c = pyro.sample("c", dist.Normal(self.W_C.new_zeros(self.n_cell_state), 1.0).to_event(1))
-            s = self.link(c)
-            mean = torch.softmax(self._logits(s, batch, D, V), dim=-1) * batch.size_factor["rna"][:, None]
-            self._observe("rna", mean, s, batch, observed)
+            mean = torch.softmax(self._logits(c, batch, D, V), dim=-1) * batch.size_factor["rna"][:, None]
+            self._observe("rna", mean, self.link(c), batch, observed)
         if D is not None:
             A = self.A
             pyro.factor("penalty_l1_W_DxC", -batch.n_cells * self.l1_weight * self.W_DxC.abs().sum())
