@@ -54,8 +54,15 @@ def plot_umap(latent, obs: pd.DataFrame, path, *, graph=None, n_neighbors: int =
     for ax, column in zip(axes[0], columns):
         n_values = obs[column].nunique()
         legend = "right margin" if n_values <= max_legend else "none"
+        # scanpy greys out columns with more than 102 categories: give them a palette of their own
+        palette = None
+        if n_values > 102:
+            from matplotlib import colormaps
+            from matplotlib.colors import to_hex
+
+            palette = [to_hex(c) for c in colormaps["hsv"](np.linspace(0, 1, n_values, endpoint=False))]
         sc.pl.umap(adata, color=column, ax=ax, show=False, legend_loc=legend, legend_fontsize=6,
-                   title=f"{title}: {column}" if title else column, frameon=False)
+                   title=f"{title}: {column}" if title else column, frameon=False, palette=palette)
     _save(fig, path)
     return np.asarray(adata.obsm["X_umap"])
 
