@@ -19,13 +19,7 @@ from pyro_livi.models import LIVI
 N_CELLS, N_GENES, N_DONORS = 60, 7, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The machine's cores are shared: one torch thread keeps these small models fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _counts_adata(seed=0, n_cells=N_CELLS, n_genes=N_GENES):

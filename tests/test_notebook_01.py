@@ -9,14 +9,13 @@ D that track the simulated truth after the staged training.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_notebook_outputs_cleared, execute_notebook
 
-nbformat = pytest.importorskip("nbformat", reason="needs the dev extra (nbformat)")
-nbclient = pytest.importorskip("nbclient", reason="needs the dev extra (nbclient)")
+pytest.importorskip("nbformat", reason="needs the dev extra (nbformat)")
+pytest.importorskip("nbclient", reason="needs the dev extra (nbclient)")
 pytest.importorskip("ipykernel", reason="needs the dev extra (ipykernel)")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "01_livi_quickstart.ipynb"
@@ -41,28 +40,10 @@ print(json.dumps({"prefix": sys.prefix,
 
 
 def test_committed_notebook_has_no_outputs():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbformat.validate(nb)
-    assert nb.metadata["kernelspec"]["name"] == "python3"
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
+    assert_notebook_outputs_cleared(NOTEBOOK)
 
 
 @pytest.mark.slow
 def test_notebook_runs_and_reproduces_truth(tmp_path):
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nb.cells.append(nbformat.v4.new_code_cell(CHECKS))
-    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()  # raises CellExecutionError on the first failing cell
-
-    # the kernel ran in this interpreter's environment (the installed package, not another one)
-    out = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
-    report = json.loads(out.strip().splitlines()[-1])
-    assert Path(report["prefix"]).resolve() == Path(sys.prefix).resolve()
-
-    images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
-              if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+    _, images = execute_notebook(NOTEBOOK, tmp_path, CHECKS, timeout=300)
     assert len(images) == 3  # loss curves, predictive check, donor factors vs truth
-    assert not list(tmp_path.iterdir()), "the notebook must not write files"

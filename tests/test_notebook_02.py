@@ -11,16 +11,15 @@ mixture beats the single NB on held-out NLL and on the zero-fraction check. It t
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_notebook_outputs_cleared, execute_notebook
 
 from pyro_livi.paths import shared_data_dir
 
-nbformat = pytest.importorskip("nbformat", reason="needs the dev extra (nbformat)")
-nbclient = pytest.importorskip("nbclient", reason="needs the dev extra (nbclient)")
+pytest.importorskip("nbformat", reason="needs the dev extra (nbformat)")
+pytest.importorskip("nbclient", reason="needs the dev extra (nbclient)")
 pytest.importorskip("ipykernel", reason="needs the dev extra (ipykernel)")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "02_likelihoods_and_ppc.ipynb"
@@ -45,12 +44,7 @@ print(json.dumps({"prefix": sys.prefix, "elapsed": elapsed}))
 
 
 def test_committed_notebook_has_no_outputs():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbformat.validate(nb)
-    assert nb.metadata["kernelspec"]["name"] == "python3"
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
+    nb = assert_notebook_outputs_cleared(NOTEBOOK)
     text = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "markdown")
     assert "CONCLUSION" not in text
 
@@ -58,16 +52,5 @@ def test_committed_notebook_has_no_outputs():
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA.is_file(), reason=f"shared CITE-seq data not found at {DATA}")
 def test_notebook_runs_and_supports_its_conclusions(tmp_path):
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nb.cells.append(nbformat.v4.new_code_cell(CHECKS))
-    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()  # raises CellExecutionError on the first failing cell
-
-    out = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
-    report = json.loads(out.strip().splitlines()[-1])
-    assert Path(report["prefix"]).resolve() == Path(sys.prefix).resolve()
-    images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
-              if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+    _, images = execute_notebook(NOTEBOOK, tmp_path, CHECKS, timeout=600)
     assert len(images) == 5  # three RNA statistics plots, two protein plot_ppc figures
-    assert not list(tmp_path.iterdir()), "the notebook must not write files"

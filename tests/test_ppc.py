@@ -22,13 +22,7 @@ from pyro_livi.models import LIVI, MODELS
 N_CELLS, N_GENES, THETA = 400, 60, 2.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The machine's cores are shared: one torch thread keeps these small models fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _constant_mean_livi(w, likelihood):
