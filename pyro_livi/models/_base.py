@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroParam
 
@@ -90,3 +91,42 @@ class ZooModel(PyroModule):
     def pyro_param_name(self, param_name: str) -> str:
         """Name under which a parameter appears at Pyro param sites."""
         return f"{self._pyro_name}.{param_name.removesuffix('_unconstrained')}"
+
+
+class DonorFactorsMixin:
+    """The donor latents shared by the LIVI family: D (N_y, K_DxC) and V (N_y, K_V).
+
+    Model: ``D``, ``V`` ~ Normal(0, I) in the ``donors`` plate, each present only while its
+    component ("interaction", "persistent") is on. Guide: a point mass at ``D_loc`` / ``V_loc``
+    (``donor_guide="delta"``) or Normal(loc, scale) (``"normal"``). Expects the attributes
+    ``n_donors``, ``n_dxc``, ``n_persistent``, ``donor_guide``, ``D_loc``, ``V_loc`` (and
+    ``D_scale``, ``V_scale`` for the Normal guide).
+    """
+
+    def _donor_sites(self):
+        """Model side: returns (D, V), each None while its component is off."""
+        D = V = None
+        with pyro.plate("donors", self.n_donors):
+            if "persistent" in self.components:
+                V = pyro.sample("V", dist.Normal(self.V_loc.new_zeros(self.n_persistent), 1.0).to_event(1))
+            if "interaction" in self.components:
+                D = pyro.sample("D", dist.Normal(self.D_loc.new_zeros(self.n_dxc), 1.0).to_event(1))
+        return D, V
+
+    def _donor_guide_sites(self) -> None:
+        """Guide side of :meth:`_donor_sites`."""
+        with pyro.plate("donors", self.n_donors):
+            if "persistent" in self.components:
+                pyro.sample("V", self._donor_posterior("V"))
+            if "interaction" in self.components:
+                pyro.sample("D", self._donor_posterior("D"))
+
+    def _donor_posterior(self, name: str):
+        loc = getattr(self, f"{name}_loc")
+        if self.donor_guide == "delta":
+            return dist.Delta(loc).to_event(1)
+        return dist.Normal(loc, getattr(self, f"{name}_scale")).to_event(1)
+
+    def donor_factors(self) -> dict[str, torch.Tensor]:
+        """Posterior means of the donor factors: {"D": (N_y, K_DxC), "V": (N_y, K_V)}."""
+        return {"D": self.D_loc.detach(), "V": self.V_loc.detach()}

@@ -31,7 +31,7 @@ from pyro.nn import PyroModule, PyroParam, pyro_method
 from ..data.batch import Batch
 from ..likelihoods import get_likelihood
 from ..nn import GaussianEncoder
-from ._base import ZooModel
+from ._base import DonorFactorsMixin, ZooModel
 
 LINKS = {
     "softmax": lambda c: torch.softmax(c, dim=-1),
@@ -39,7 +39,7 @@ LINKS = {
 }
 
 
-class LIVI(ZooModel):
+class LIVI(DonorFactorsMixin, ZooModel):
     """LIVI as an explicit Pyro model/guide pair.
 
     Parameters
@@ -154,12 +154,7 @@ class LIVI(ZooModel):
     # ----------------------------------------------------------------------- model / guide
     @pyro_method
     def model(self, batch: Batch, observed: bool = True):
-        D = V = None
-        with pyro.plate("donors", self.n_donors):
-            if "persistent" in self.components:
-                V = pyro.sample("V", dist.Normal(self.W_V.new_zeros(self.n_persistent), 1.0).to_event(1))
-            if "interaction" in self.components:
-                D = pyro.sample("D", dist.Normal(self.W_DxC.new_zeros(self.n_dxc), 1.0).to_event(1))
+        D, V = self._donor_sites()
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             c = pyro.sample("c", dist.Normal(self.W_C.new_zeros(self.n_cell_state), 1.0).to_event(1))
             mean = torch.softmax(self._logits(c, batch, D, V), dim=-1) * batch.size_factor["rna"][:, None]
@@ -171,29 +166,15 @@ class LIVI(ZooModel):
 
     @pyro_method
     def guide(self, batch: Batch, observed: bool = True):
-        with pyro.plate("donors", self.n_donors):
-            if "persistent" in self.components:
-                pyro.sample("V", self._donor_posterior("V"))
-            if "interaction" in self.components:
-                pyro.sample("D", self._donor_posterior("D"))
+        self._donor_guide_sites()
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             loc, scale = self.encoder(batch.x["rna"])
             pyro.sample("c", dist.Normal(loc, scale).to_event(1))
-
-    def _donor_posterior(self, name: str):
-        loc = getattr(self, f"{name}_loc")
-        if self.donor_guide == "delta":
-            return dist.Delta(loc).to_event(1)
-        return dist.Normal(loc, getattr(self, f"{name}_scale")).to_event(1)
 
     # ------------------------------------------------------------------- posterior summaries
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior (loc, scale) of the cell state c, each (B, K_C)."""
         return self.encoder(batch.x["rna"])
-
-    def donor_factors(self) -> dict[str, torch.Tensor]:
-        """Posterior means of the donor factors: {"D": (N_y, K_DxC), "V": (N_y, K_V)}."""
-        return {"D": self.D_loc.detach(), "V": self.V_loc.detach()}
 
     def loadings(self) -> dict[str, torch.Tensor]:
         """Decoder gene loadings: {"W_C": (K_C, G), "W_DxC": (K_DxC, G), "W_V": (K_V, G)}."""

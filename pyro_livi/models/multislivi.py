@@ -39,7 +39,7 @@ from ..data.batch import Batch
 from ..errors import InputError
 from ..likelihoods import get_likelihood
 from ..nn import GaussianEncoder
-from ._base import ZooModel
+from ._base import DonorFactorsMixin, ZooModel
 from .livi import LINKS
 
 
@@ -56,7 +56,7 @@ def _per_modality(value, modalities: Sequence[str], what: str, default=None) -> 
     return {m: value for m in modalities}
 
 
-class MultimodalLIVIBase(ZooModel):
+class MultimodalLIVIBase(DonorFactorsMixin, ZooModel):
     """Decoders, donor factors, observation sites and decoder penalties of multimodal LIVI.
 
     Subclasses create the encoders and write ``model`` / ``guide``. Parameters (per modality
@@ -166,29 +166,6 @@ class MultimodalLIVIBase(ZooModel):
             return self._observe(m, mean, u, batch, observed)
 
     # -------------------------------------------------------------------------- donor parts
-    def _donor_sites(self):
-        """Model: D, V in the donor plate when their components are on; returns (D, V) or None."""
-        D = V = None
-        with pyro.plate("donors", self.n_donors):
-            if "persistent" in self.components:
-                V = pyro.sample("V", dist.Normal(self.V_loc.new_zeros(self.n_persistent), 1.0).to_event(1))
-            if "interaction" in self.components:
-                D = pyro.sample("D", dist.Normal(self.D_loc.new_zeros(self.n_dxc), 1.0).to_event(1))
-        return D, V
-
-    def _donor_guide_sites(self) -> None:
-        with pyro.plate("donors", self.n_donors):
-            if "persistent" in self.components:
-                pyro.sample("V", self._donor_posterior("V"))
-            if "interaction" in self.components:
-                pyro.sample("D", self._donor_posterior("D"))
-
-    def _donor_posterior(self, name: str):
-        loc = getattr(self, f"{name}_loc")
-        if self.donor_guide == "delta":
-            return dist.Delta(loc).to_event(1)
-        return dist.Normal(loc, getattr(self, f"{name}_scale")).to_event(1)
-
     def _decoder_penalties(self, batch: Batch) -> None:
         """Per-modality L1 on W_DxC^m and the A penalty, in per-cell units (times n_cells)."""
         for m in self.modalities:
@@ -198,10 +175,6 @@ class MultimodalLIVIBase(ZooModel):
         pyro.factor("penalty_A", -batch.n_cells * self.a_weight * ((A * (1 - A)) ** 2).sum())
 
     # ------------------------------------------------------------------- posterior summaries
-    def donor_factors(self) -> dict[str, torch.Tensor]:
-        """Posterior means of the donor factors: {"D": (N_y, K_DxC), "V": (N_y, K_V)}."""
-        return {"D": self.D_loc.detach(), "V": self.V_loc.detach()}
-
     def loadings(self) -> dict[str, torch.Tensor]:
         """Decoder loadings per modality: {"W_C__m": (K_C, G_m), "W_DxC__m": (K_DxC, G_m),
         "W_V__m": (K_V, G_m)}."""
