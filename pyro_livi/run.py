@@ -53,6 +53,7 @@ def fit(
     epochs_vae: int = 60,
     epochs: int = 200,
     warmup_epochs_G: int = 0,
+    persistent_in_vae_stage: bool = False,
     patience: int = 20,
     batch_size: int = 1024,
     lr: float = 8e-4,
@@ -80,7 +81,8 @@ def fit(
     dataset = read_dataset(data, spec)
     seed_everything(seed)
     net = build_model(model, dataset, **model_options)
-    stages = livi_stages(epochs_vae, epochs, warmup_epochs_G=warmup_epochs_G, patience=patience)
+    stages = livi_stages(epochs_vae, epochs, warmup_epochs_G=warmup_epochs_G, patience=patience,
+                         persistent_in_vae_stage=persistent_in_vae_stage)
     config = TrainingConfig(batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress,
                             group_lr={"persistent": donor_lr, "interaction": donor_lr})
     trainer = Trainer(net, dataset, stages, config,
@@ -91,7 +93,8 @@ def fit(
     if out is not None:
         write_run_dir(result, out, spec=spec.to_dict(),
                       arguments=dict(model=model, epochs_vae=epochs_vae, epochs=epochs,
-                                     warmup_epochs_G=warmup_epochs_G, patience=patience,
+                                     warmup_epochs_G=warmup_epochs_G,
+                                     persistent_in_vae_stage=persistent_in_vae_stage, patience=patience,
                                      batch_size=batch_size, lr=lr, donor_lr=donor_lr, seed=seed,
                                      **model_options))
     return result

@@ -1,5 +1,7 @@
 """`pyro-livi simulate`, `fit` and `associate` from the command line, and `fit` on real data."""
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -18,9 +20,12 @@ def test_simulate_fit_associate(tmp_path):
     run = tmp_path / "run"
     assert main(["fit", "--data", str(sim / "expression.h5ad"), "--donor-key", "donor", "--epochs-vae", "2",
                  "--epochs", "2", "--n-cell-state", "4", "--n-dxc", "3", "--n-persistent", "2",
-                 "--batch-size", "64", "--out", str(run)]) == 0
+                 "--batch-size", "64", "--persistent-in-vae-stage", "--out", str(run)]) == 0
     for name in RUN_FILES:
         assert (run / name).exists(), name
+    assert json.loads((run / "run.json").read_text())["persistent_in_vae_stage"] is True
+    history = pd.read_csv(run / "history.tsv", sep="\t")
+    assert history.loc[history["stage"] == "vae", "kl_V"].notna().all()  # V trained with the VAE
     D = pd.read_csv(run / "D.tsv", sep="\t", index_col=0)
     assert D.shape == (20, 3) and list(D.columns) == ["D_0", "D_1", "D_2"]
     assert D.index[0].startswith("donor_")

@@ -106,3 +106,16 @@ def test_bad_inputs_name_the_field():
         silhouette_label(np.zeros((5, 2)), ["a", "b"])
     with pytest.raises(InputError, match="NaN"):
         knn_graph(np.full((5, 2), np.nan))
+
+
+def test_knn_graph_leaves_torch_thread_count_alone(blobs):
+    """The neighbour search must not change the thread count of a later fit (reproducibility)."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        knn_graph(blobs[0], n_neighbors=10)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

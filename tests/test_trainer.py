@@ -63,6 +63,20 @@ def test_vae_stage_leaves_donor_parts_untouched(data):
         assert torch.equal(model.state_dict()[name], before[name])
 
 
+def test_persistent_factors_can_train_with_the_vae(data):
+    """persistent_in_vae_stage: V and W_V train in stage 1 with the VAE; D, A, W_DxC do not."""
+    model = make_model(data)
+    before = snapshot(model)
+    history = Trainer(model, data, livi_stages(3, 0, persistent_in_vae_stage=True), config()).fit()
+    assert list(history["stage"]) == ["vae"] * 3
+    assert "kl_V" in history.columns and "kl_D" not in history.columns
+    after = model.state_dict()
+    for name in ("V_loc_unconstrained", "W_V_unconstrained", "W_C_unconstrained"):
+        assert not torch.equal(after[name], before[name]), f"{name} did not train"
+    for name in ("D_loc_unconstrained", "W_DxC_unconstrained", "A_logits_unconstrained"):
+        assert torch.equal(after[name], before[name]), f"{name} changed"
+
+
 def test_history_records_each_site_per_cell(data):
     model = make_model(data)
     history = Trainer(model, data, livi_stages(2, 2), config()).fit()

@@ -79,12 +79,19 @@ def knn_graph(latent, *, n_neighbors: int = 15, seed: int = 0) -> ad.AnnData:
     """AnnData over the cells with the latent in ``obsm["X_latent"]`` and its kNN graph
     (``obsp["connectivities"]``, ``obsp["distances"]``) from ``scanpy.pp.neighbors``."""
     import scanpy as sc
+    import torch
 
     latent = _latent(latent)
     adata = ad.AnnData(np.zeros((latent.shape[0], 0), dtype=np.float32))
     adata.obsm["X_latent"] = latent
-    sc.pp.neighbors(adata, n_neighbors=min(int(n_neighbors), latent.shape[0] - 1),
-                    use_rep="X_latent", random_state=seed)
+    # The neighbour search (numba) resets the OpenMP thread count, which torch shares; a fit
+    # after it would then run on another number of threads and round differently. Restore it.
+    torch_threads = torch.get_num_threads()
+    try:
+        sc.pp.neighbors(adata, n_neighbors=min(int(n_neighbors), latent.shape[0] - 1),
+                        use_rep="X_latent", random_state=seed)
+    finally:
+        torch.set_num_threads(torch_threads)
     return adata
 
 

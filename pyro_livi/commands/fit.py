@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("--epochs-vae", type=int, default=60, help="epochs of the VAE stage")
     p.add_argument("--epochs", type=int, default=200, help="maximum epochs of the donor stage")
     p.add_argument("--warmup-epochs-G", type=int, default=0, help="epochs of V alone before D joins")
+    p.add_argument("--persistent-in-vae-stage", action="store_true",
+                   help="train V and W_V jointly with the VAE in stage 1, so that the cell state "
+                   "does not absorb persistent donor effects (recommended; the paper trains the VAE alone)")
     p.add_argument("--patience", type=int, default=20, help="early-stopping patience (epochs)")
     p.add_argument("--n-cell-state", type=int, default=15, help="K_C (K_shared for dmlivi)")
     p.add_argument("--n-dxc", type=int, default=100, help="K_DxC, number of interaction factors D")
@@ -80,7 +83,8 @@ def run(args) -> int:
         modalities=_modalities(args.modalities or "rna,prot", args.layer) if multimodal else None,
         optional_modalities=[m for m in args.optional_modalities.split(",") if m.strip()],
         covariate_keys=args.covariate_keys, epochs_vae=args.epochs_vae, epochs=args.epochs,
-        warmup_epochs_G=args.warmup_epochs_G, patience=args.patience, batch_size=args.batch_size,
+        warmup_epochs_G=args.warmup_epochs_G, persistent_in_vae_stage=args.persistent_in_vae_stage,
+        patience=args.patience, batch_size=args.batch_size,
         lr=args.lr, donor_lr=args.donor_lr, seed=args.seed, device=args.device, out=args.out,
         resume=args.resume, **_model_options(args),
     )

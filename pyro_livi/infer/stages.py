@@ -57,11 +57,16 @@ def livi_stages(
     min_delta: float = 1e-4,
     factor_tol: float = 1e-3,
     lr_decay: float = 0.1,
+    persistent_in_vae_stage: bool = False,
 ) -> list[Stage]:
     """The two-stage schedule of LIVI (DESIGN section 3).
 
     1. ``vae``: encoder and cell-state decoder (with dispersions and covariate offsets) train;
-       the donor parts are absent.
+       the donor parts are absent (the paper), or, with ``persistent_in_vae_stage``, V and W_V
+       train jointly with the VAE. A VAE without V has no cheaper way to explain what every
+       cell of a donor shares than to write it into each cell's state, and the frozen cell
+       state then keeps it; with V present, a donor-level shift costs one point per donor
+       instead of a KL term per cell, and the cell state is left to the cells.
     2. ``persistent``: VAE parts frozen; V and W_V train, for ``warmup_epochs_G`` epochs
        (skipped when 0, as in the paper).
     3. ``donor``: V, W_V, D, A and W_DxC train together for up to ``epochs`` epochs, with early
@@ -70,7 +75,8 @@ def livi_stages(
     """
     stop = EarlyStopping(patience=patience, min_delta=min_delta, watch=("D_loc", "V_loc"),
                          factor_tol=factor_tol)
-    stages = [Stage("vae", epochs_vae, train=("encoder", "cell_state"))]
+    joint = ("persistent",) if persistent_in_vae_stage else ()
+    stages = [Stage("vae", epochs_vae, train=("encoder", "cell_state") + joint, components=joint)]
     if warmup_epochs_G > 0:
         stages.append(Stage("persistent", warmup_epochs_G, train=("persistent",),
                             components=("persistent",)))
