@@ -71,6 +71,18 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(x, torch.zeros_like(x))
 
 
+def _unexpanded(t: torch.Tensor) -> torch.Tensor:
+    """View of ``t`` with size 1 along every broadcast (stride-0) dimension.
+
+    It broadcasts back to ``t``'s shape, so a function of it equals the function of ``t`` while
+    being evaluated once per distinct element: a per-feature parameter expanded to (cells,
+    features) is computed on (1, features).
+    """
+    index = tuple(slice(0, 1) if stride == 0 and size > 1 else slice(None)
+                  for size, stride in zip(t.shape, t.stride()))
+    return t[index]
+
+
 def _nb_log_prob(value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """log NB(value; mean mu, inverse dispersion theta), elementwise with broadcasting.
 
@@ -83,10 +95,11 @@ def _nb_log_prob(value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> 
     log theta - log(theta + mu) when mu << theta (the Poisson limit), so the result keeps full
     relative precision for mu down to 1e-8 and theta up to 1e4 and beyond.
     """
-    delta = torch.log(mu) - torch.log(theta)
+    theta_once = _unexpanded(theta)  # e.g. (1, G) for a per-gene theta broadcast to (B, G)
+    delta = torch.log(mu) - torch.log(theta_once)
     return (
         torch.lgamma(value + theta)
-        - torch.lgamma(theta)
+        - torch.lgamma(theta_once)
         - torch.lgamma(value + 1)
         - theta * _softplus(delta)
         - value * _softplus(-delta)

@@ -535,3 +535,41 @@ def test_nb_mixture_background_init_edge_cases():
     assert bg[2] < 0.5  # lower component of {0, 1} is the zeros
     with pytest.raises(ValueError, match="shape"):
         lik.init_feature_params(4, counts)
+
+
+@pytest.mark.parametrize("name", ["nb", "zinb", "nb_mixture"])
+def test_per_feature_theta_gives_the_same_values_and_gradients_as_a_full_matrix(name):
+    """theta (G,) is broadcast to (B, G) as a stride-0 view, and its own terms are evaluated
+    once per feature; values and gradients equal those of a materialised (B, G) theta."""
+    torch.manual_seed(0)
+    B, G = 5, 7
+    lik = get_likelihood(name)
+    mean = torch.rand(B, G, dtype=torch.float64) * 20 + 0.01
+    x = torch.poisson(mean)
+    params = {k: (v.double() + 0.3 * torch.randn(G, dtype=torch.float64)) for k, v in lik.init_feature_params(G).items()}
+    params.update({h: torch.randn(B, G, dtype=torch.float64) for h in lik.cell_heads})
+    results = []
+    for materialise in (False, True):
+        log_theta = params["log_theta"].clone().requires_grad_(True)
+        others = {k: v for k, v in params.items() if k != "log_theta"}
+        if materialise:
+            others = {k: v.expand(B, G).contiguous() for k, v in others.items()}
+            full = log_theta.expand(B, G).contiguous()
+        else:
+            full = log_theta
+        lp = lik(mean, log_theta=full, **others).log_prob(x)
+        lp.sum().backward()
+        results.append((lp.detach(), log_theta.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
+
+
+def test_unexpanded_keeps_real_dimensions():
+    from pyro_livi.likelihoods import _unexpanded
+
+    t = torch.arange(6.0).reshape(2, 3)
+    assert _unexpanded(t) is t or torch.equal(_unexpanded(t), t)
+    e = torch.arange(3.0).expand(4, 3)
+    assert _unexpanded(e).shape == (1, 3) and torch.equal(_unexpanded(e).expand(4, 3), e)
+    col = torch.arange(4.0)[:, None].expand(4, 3)
+    assert _unexpanded(col).shape == (4, 1)
