@@ -23,8 +23,8 @@ data of each size is written once to a temporary ``.h5ad``; the Pyro and the pla
 read it in their own subprocess, so that they do not share memory peaks or warm caches.
 
 A second table splits the time of one loss + backward on one batch (CPU ms) between Pyro's
-distribution validation, the NB evaluated with theta expanded to (B, G) (as the likelihood
-registry's distribution does after broadcasting its parameters) and the plain loss.
+distribution validation, the NB evaluated with theta expanded to (B, G) (the cost of evaluating
+``lgamma(theta)`` once per cell instead of once per gene) and the plain loss.
 Prints markdown.
 
 Example::
@@ -189,8 +189,8 @@ class PlainLIVI(nn.Module):
         self.A_logits, self.D, self.V = copy(livi.A_logits), copy(livi.D_loc), copy(livi.V_loc)
         self.log_theta = copy(livi.lik_rna_log_theta)
         self.l1_weight, self.a_weight = livi.l1_weight, livi.a_weight
-        #: evaluate the NB with theta expanded to (B, G), as the registry's NegativeBinomial
-        #: does after broadcasting its parameters (only for the step-time breakdown)
+        #: evaluate the NB with theta materialised as (B, G), i.e. lgamma(theta) once per cell
+        #: (only for the step-time breakdown)
         self.broadcast_theta = False
 
     def groups(self) -> dict[str, list[nn.Parameter]]:
