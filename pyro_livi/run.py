@@ -72,7 +72,10 @@ def fit(
     ``"dmlivi"``) read ``modalities`` ({modality: layer or None}, e.g. ``{"rna": None,
     "prot": None}``) and take e.g. ``likelihoods={"prot": "nb_mixture"}``,
     ``modality_weights={"prot": 50}``; ``optional_modalities`` (e.g. ``["prot"]``) lists
-    modalities some cells lack (DMLIVI embeds such cells from the modalities they have). With ``out``, checkpoints go to ``out/checkpoints``
+    modalities some cells lack (DMLIVI embeds such cells from the modalities they have).
+    ``persistent_in_vae_stage=True`` trains V and W_V jointly with the VAE in stage 1 (see
+    :func:`pyro_livi.infer.livi_stages`; recommended, the default is the paper's schedule).
+    With ``out``, checkpoints go to ``out/checkpoints``
     (``resume=True`` continues from them) and the outputs are written by :func:`write_run_dir`.
     """
     spec = DatasetSpec(modalities=modalities or {"rna": layer}, donor_key=donor_key,
