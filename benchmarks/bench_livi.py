@@ -4,7 +4,7 @@ For each data size (cells x genes) the benchmark simulates counts with
 :func:`pyro_livi.simulate.simulate` (kept as a sparse CSR matrix in the dataset), then
 
 1. trains LIVI with the real :class:`~pyro_livi.infer.Trainer` through
-   :func:`~pyro_livi.infer.livi_stages` (``vae`` stage, then ``donor`` stage with the VAE
+   :func:`~pyro_livi.models.livi_stages` (``vae`` stage, then ``donor`` stage with the VAE
    frozen) for ``--epochs`` epochs per stage and reads the per-epoch cells/s it records;
 2. trains the same computation written as a plain PyTorch loss (no Pyro): encoder,
    reparameterised c, analytic KL, NB log-likelihood, the donor prior terms and the two
@@ -307,7 +307,8 @@ def _steady(values: list[float]) -> float:
 
 def time_trainer(model, dataset, args, memory: PeakMemory) -> dict:
     """cells/s and peak memory per stage from the real Trainer with livi_stages."""
-    from pyro_livi.infer import Trainer, TrainingConfig, livi_stages
+    from pyro_livi.infer import Trainer, TrainingConfig
+    from pyro_livi.models import livi_stages
 
     stages = livi_stages(args.epochs, args.epochs, patience=10 ** 9)
     peaks: dict[str, list[dict]] = {}
@@ -339,10 +340,12 @@ def time_plain(plain, dataset, args, memory: PeakMemory) -> dict:
     """The same stages, epochs and minibatches (MinibatchLoader order of each epoch) in plain PyTorch."""
     from pyro_livi.data import MinibatchLoader
     from pyro_livi.infer import TrainingConfig
+    from pyro_livi.models import livi_stages
 
     device = torch.device(args.device)
     plain.to(device)
     lrs = TrainingConfig()
+    group_lr = livi_stages(1, 1)[0].group_lr
     loader = MinibatchLoader(dataset, batch_size=args.batch_size, shuffle=True, seed=args.seed)
     groups = plain.groups()
     out, epoch = {}, 0
@@ -351,7 +354,7 @@ def time_plain(plain, dataset, args, memory: PeakMemory) -> dict:
             for p in params:
                 p.requires_grad_(name in train)
                 p.grad = None
-        optimizer = torch.optim.Adam([{"params": groups[g], "lr": lrs.group_lr.get(g, lrs.lr)} for g in train])
+        optimizer = torch.optim.Adam([{"params": groups[g], "lr": group_lr.get(g, lrs.lr)} for g in train])
         rates, cpu_rates, peaks = [], [], []
         for _ in range(args.epochs):
             loader.set_epoch(epoch)

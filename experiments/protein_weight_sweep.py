@@ -47,7 +47,8 @@ import torch  # noqa: E402
 
 from pyro_livi.analysis.heldout import heldout_nll, nll_summary, split_cells  # noqa: E402
 from pyro_livi.data import DatasetSpec, read_dataset  # noqa: E402
-from pyro_livi.infer import Trainer, TrainingConfig, livi_stages, seed_everything  # noqa: E402
+from pyro_livi.infer import Trainer, TrainingConfig, seed_everything  # noqa: E402
+from pyro_livi.models import livi_stages  # noqa: E402
 from pyro_livi.paths import shared_data_dir  # noqa: E402
 from pyro_livi.run import build_model  # noqa: E402
 

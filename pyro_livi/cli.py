@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 
 from .errors import InputError
@@ -15,18 +16,22 @@ from .errors import InputError
 #: Subcommand modules, in the order ``pyro-livi --help`` lists them.
 COMMAND_MODULES = (
     "simulate",
+    "models",
     "fit",
     "associate",
     "demo",
     "evaluate",
+    "preprocess",
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``pyro-livi`` parser. Subcommands whose flags depend on other flags of the command
+    line (``fit``: the chosen model's options) take ``argv`` in their ``register``."""
     parser = argparse.ArgumentParser(
         prog="pyro-livi",
-        description="LIVI and its multimodal extensions in Pyro: fit, test donor factors "
-        "against genotypes, evaluate.",
+        description="A Pyro model zoo for population-scale single-cell data: LIVI and its multimodal "
+        "extensions, baselines; fit, test donor factors against genotypes, evaluate.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -36,12 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
             if err.name == f"pyro_livi.commands.{name}":
                 continue  # not part of this installation
             raise
-        module.register(sub)
+        if "argv" in inspect.signature(module.register).parameters:
+            module.register(sub, argv=sys.argv[1:] if argv is None else argv)
+        else:
+            module.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -42,3 +42,48 @@ class GaussianEncoder(PyroModule):
         h = torch.log1p(x) if self.input_transform == "log1p" else x
         h = self.last(self.body(h))
         return self.loc_head(h), self.log_scale_head(h).exp() + 1e-4
+
+
+NORMS = ("batch", "layer", "none")
+
+
+class FCLayers(PyroModule):
+    """Blocks ``Linear -> norm -> ReLU -> Dropout``, one per width in ``hidden``, with the
+    one-hot codes of categorical covariates concatenated to the input of every block (as
+    scvi-tools' ``FCLayers`` with ``inject_covariates``).
+
+    norm : ``"batch"`` (BatchNorm1d, momentum 0.01, eps 1e-3, as scvi-tools), ``"layer"`` or
+        ``"none"``. Input ``x`` (B, n_in) and ``covariates`` (B, n_cov) float one-hot (or None);
+        output (B, hidden[-1]) (``x`` itself when ``hidden`` is empty).
+    """
+
+    def __init__(self, n_in: int, hidden: Sequence[int], n_cov: int = 0, norm: str = "batch",
+                 dropout: float = 0.1):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        blocks = []
+        for width in hidden:
+            layers: list[nn.Module] = [PyroModule[nn.Linear](n_in + n_cov, width)]
+            if norm == "batch":
+                layers.append(PyroModule[nn.BatchNorm1d](width, momentum=0.01, eps=1e-3))
+            elif norm == "layer":
+                layers.append(PyroModule[nn.LayerNorm](width, elementwise_affine=False))
+            layers += [nn.ReLU(), nn.Dropout(dropout)]
+            blocks.append(PyroModule[nn.Sequential](*layers))
+            n_in = width
+        self.blocks = PyroModule[nn.ModuleList](blocks)
+        self.n_cov = n_cov
+
+    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(torch.cat([x, covariates], dim=-1) if self.n_cov else x)
+        return x
+
+
+def one_hot_covariates(codes: torch.Tensor, n_categories: Sequence[int]) -> torch.Tensor | None:
+    """One-hot codes of every categorical covariate side by side, (B, sum(n_categories)) float;
+    None without covariates. ``codes``: (B, n_covariates) integer category codes."""
+    if not n_categories:
+        return None
+    return torch.cat([nn.functional.one_hot(codes[:, k], n).float() for k, n in enumerate(n_categories)], dim=-1)

@@ -1,18 +1,20 @@
-"""Fitting a model end to end: read data, build the model, train through its stages, write RUN_DIR."""
+"""Fitting any registered model end to end: read data, build the model, train through its default
+schedule, write RUN_DIR."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from .analysis.latents import (assignment_table, cell_state_table, dispersion_tables,
-                               donor_factor_tables, loading_tables, specific_state_tables)
+from .analysis.latents import output_tables
 from .analysis.plots import plot_loss_curves
 from .data import DatasetSpec, read_dataset
-from .infer import Trainer, TrainingConfig, livi_stages, seed_everything
+from .errors import InputError
+from .infer import Trainer, TrainingConfig, seed_everything
 from .models import model_class
 from .persistence import save_model
 
@@ -28,78 +30,97 @@ class FitResult:
     run_dir: Path | None = None
 
 
-def build_model(name: str, dataset, **options):
-    """Instantiate a zoo model sized for ``dataset`` (features, donors, covariate categories)."""
+def split_options(name: str, options: dict) -> tuple[dict, dict]:
+    """``(model options, schedule options)`` of model ``name``; an InputError names a keyword that
+    the model does not take and lists those it does."""
     cls = model_class(name)
-    counts_sample = {m: dataset.counts_sample(m, n=2000) for m in dataset.modalities}
-    n_cov = [len(dataset.covariate_categories[k]) for k in dataset.covariate_categories]
-    if name == "livi":
-        (modality,) = dataset.modalities
-        return cls(dataset.n_features[modality], len(dataset.donor_index), n_covariate_categories=n_cov,
-                   counts_sample=counts_sample[modality], **options)
-    return cls.from_dataset(dataset, counts_sample=counts_sample, **options)
+    accepted = set(cls.options)
+    for fn in (cls.__init__, cls.from_dataset):
+        accepted |= {p.name for p in inspect.signature(fn).parameters.values()
+                     if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
+    accepted -= {"self", "cls", "dataset", "name", "counts_sample"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise InputError("<arguments>", unknown[0], f"model '{name}' takes no option {unknown[0]!r}",
+                         f"use one of its options: {sorted(accepted)} (`pyro-livi fit --model {name} --help` "
+                         "lists them as flags)")
+    schedule = {k: v for k, v in options.items() if k in cls.options and cls.options[k].schedule}
+    return {k: v for k, v in options.items() if k not in schedule}, schedule
+
+
+def build_model(name: str, dataset, **options):
+    """Instantiate registered model ``name`` sized for ``dataset``, after checking that the data
+    give what the model needs (:class:`~pyro_livi.models.DataNeeds`). ``options``: the model's
+    options and ``likelihoods`` ({modality: registered likelihood name})."""
+    cls = model_class(name)
+    cls.data_needs.check(dataset, name)
+    model_options, schedule = split_options(name, options)
+    if schedule:
+        raise InputError("<arguments>", next(iter(schedule)), "a training-schedule option, not a model option",
+                         "pass it to pyro_livi.run.fit, or to the model's default_stages")
+    continuous = set(dataset.spec.continuous_modalities)
+    counts_sample = {m: dataset.counts_sample(m, n=2000) for m in dataset.modalities if m not in continuous}
+    return cls.from_dataset(dataset, counts_sample=counts_sample, **model_options)
 
 
 def fit(
     data,
     *,
-    donor_key: str,
     model: str = "livi",
+    donor_key: str | None = None,
     layer: str | None = None,
     modalities: dict | None = None,
     optional_modalities=(),
+    continuous_modalities=(),
     covariate_keys=(),
     label_keys=(),
-    epochs_vae: int = 60,
     epochs: int = 200,
-    warmup_epochs_G: int = 0,
-    persistent_in_vae_stage: bool = False,
-    patience: int = 20,
+    patience: int | None = 20,
     batch_size: int = 1024,
     lr: float = 8e-4,
-    donor_lr: float = 1e-2,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
     out: str | Path | None = None,
     resume: bool = False,
-    **model_options,
+    **options,
 ) -> FitResult:
-    """Fit ``model`` to ``data`` (a path or an in-memory AnnData/MuData).
+    """Fit registered model ``model`` (see ``pyro-livi models``) to ``data`` (a path or an
+    in-memory AnnData/MuData), on the model's default training schedule.
 
-    ``model_options`` go to the model's constructor (e.g. ``n_cell_state=15, n_dxc=100,
-    n_persistent=5, likelihood="nb"``). Multimodal models (``model="multislivi"`` or
-    ``"dmlivi"``) read ``modalities`` ({modality: layer or None}, e.g. ``{"rna": None,
-    "prot": None}``) and take e.g. ``likelihoods={"prot": "nb_mixture"}``,
-    ``modality_weights={"prot": 50}``; ``optional_modalities`` (e.g. ``["prot"]``) lists
-    modalities some cells lack (DMLIVI embeds such cells from the modalities they have).
-    ``persistent_in_vae_stage=True`` trains V and W_V jointly with the VAE in stage 1 (see
-    :func:`pyro_livi.infer.livi_stages`; recommended, the default is the paper's schedule).
-    With ``out``, checkpoints go to ``out/checkpoints``
-    (``resume=True`` continues from them) and the outputs are written by :func:`write_run_dir`.
+    ``modalities`` ({modality: layer or None}; default ``{"rna": layer}``) chooses what is read;
+    ``optional_modalities`` lists modalities some cells lack, ``continuous_modalities`` those
+    holding normalised values instead of raw counts. ``donor_key`` is needed by models with
+    donor factors only. ``epochs`` is the maximum length of the model's last stage (the donor
+    stage of the LIVI family), ``patience`` its early stopping (None: none). ``options`` are the
+    model's own (its ``options``, e.g. ``n_cell_state=15, n_dxc=100`` for LIVI,
+    ``n_latent=10`` for scvi), ``likelihoods={"prot": "nb_mixture"}``, and its schedule options
+    (the LIVI family: ``epochs_vae``, ``warmup_epochs_G``, ``persistent_in_vae_stage``,
+    ``donor_lr``; see :func:`pyro_livi.models.livi_stages`).
+    With ``out``, checkpoints go to ``out/checkpoints`` (``resume=True`` continues from them)
+    and the outputs are written by :func:`write_run_dir`. Raises InputError on bad input.
     """
+    cls = model_class(model)
+    model_options, schedule = split_options(model, options)
     spec = DatasetSpec(modalities=modalities or {"rna": layer}, donor_key=donor_key,
                        covariate_keys=list(covariate_keys), label_keys=list(label_keys),
-                       optional_modalities=list(optional_modalities))
+                       optional_modalities=list(optional_modalities),
+                       continuous_modalities=list(continuous_modalities))
     dataset = read_dataset(data, spec)
     seed_everything(seed)
     net = build_model(model, dataset, **model_options)
-    stages = livi_stages(epochs_vae, epochs, warmup_epochs_G=warmup_epochs_G, patience=patience,
-                         persistent_in_vae_stage=persistent_in_vae_stage)
-    config = TrainingConfig(batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress,
-                            group_lr={"persistent": donor_lr, "interaction": donor_lr})
+    stages = cls.default_stages(epochs=epochs, patience=patience, **schedule)
+    config = TrainingConfig(batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress)
     trainer = Trainer(net, dataset, stages, config,
                       checkpoint_dir=Path(out) / "checkpoints" if out is not None else None)
     history = trainer.fit(resume=resume)
     net.to("cpu")
     result = FitResult(model=net, dataset=dataset, history=history)
     if out is not None:
+        declared = {k: o.default for k, o in cls.options.items()}
         write_run_dir(result, out, spec=spec.to_dict(),
-                      arguments=dict(model=model, epochs_vae=epochs_vae, epochs=epochs,
-                                     warmup_epochs_G=warmup_epochs_G,
-                                     persistent_in_vae_stage=persistent_in_vae_stage, patience=patience,
-                                     batch_size=batch_size, lr=lr, donor_lr=donor_lr, seed=seed,
-                                     **model_options))
+                      arguments=dict(model=model, epochs=epochs, patience=patience, batch_size=batch_size,
+                                     lr=lr, seed=seed, **{**declared, **options}))
     return result
 
 
@@ -107,11 +128,11 @@ def write_run_dir(result: FitResult, out: str | Path, *, spec: dict | None = Non
                   arguments: dict | None = None) -> Path:
     """Write a fitted model's outputs.
 
-    RUN_DIR/model.pt, D.tsv and V.tsv (rows: donor ids, header: factor names), A.tsv,
-    cell_state.tsv (rows: cell ids), specific_state_<modality>.tsv (DMLIVI's modality-specific
-    latents), loadings_<decoder>.tsv, dispersions_<modality>.tsv,
-    history.tsv (per-epoch loss and each ELBO term / penalty, per cell), loss_curve.png,
-    run.json (the arguments of the fit).
+    RUN_DIR/model.pt, one TSV per table the model declares (:func:`~pyro_livi.analysis.latents.output_tables`:
+    e.g. cell_state.tsv or latent.tsv with cell ids as rows; for donor models D.tsv and V.tsv
+    with donor ids as rows, A.tsv; loadings_<decoder>.tsv, dispersions_<modality>.tsv with
+    feature names as rows), history.tsv (per-epoch loss and each ELBO term / penalty, per
+    cell), loss_curve.png, run.json (the arguments of the fit).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,14 +140,7 @@ def write_run_dir(result: FitResult, out: str | Path, *, spec: dict | None = Non
     save_model(model, out, donor_index=dataset.donor_index,
                covariate_categories=dataset.covariate_categories,
                feature_names=dataset.feature_names, spec=spec)
-    tables = {**donor_factor_tables(model, dataset.donor_index)}
-    tables["A"] = assignment_table(model)
-    tables["cell_state"] = cell_state_table(model, dataset)
-    tables.update(specific_state_tables(model, dataset))
-    for name, table in loading_tables(model, dataset.feature_names).items():
-        tables[f"loadings_{name}"] = table
-    for modality, table in dispersion_tables(model, dataset.feature_names).items():
-        tables[f"dispersions_{modality}"] = table
+    tables = output_tables(model, dataset)
     for name, table in tables.items():
         table.to_csv(out / f"{name}.tsv", sep="\t")
     result.history.to_csv(out / "history.tsv", sep="\t", index=False)

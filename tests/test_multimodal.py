@@ -18,9 +18,9 @@ from pyro_livi.analysis.associate_run import read_run_factors, run_associate
 from pyro_livi.analysis.latents import assignment_table
 from pyro_livi.data import DatasetSpec, read_dataset
 from pyro_livi.errors import InputError
-from pyro_livi.infer import Trainer, TrainingConfig, elbo_terms, livi_stages
+from pyro_livi.infer import Trainer, TrainingConfig, elbo_terms
 from pyro_livi.likelihoods import NegativeBinomialMixture
-from pyro_livi.models import DMLIVI, MODELS, MultiSLIVI
+from pyro_livi.models import DMLIVI, MODELS, MultiSLIVI, livi_stages
 from pyro_livi.persistence import load_model, save_model
 from pyro_livi.poe import product_of_experts
 from pyro_livi.run import fit

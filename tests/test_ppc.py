@@ -140,18 +140,20 @@ def test_every_zoo_model_through_its_sites(cite_like, name):
     from pyro_livi.analysis.heldout import heldout_nll
     from pyro_livi.run import build_model
 
-    if name == "livi":
-        data = read_dataset(cite_like.adata, DatasetSpec(modalities={"rna": None}, donor_key="donor"))
+    needs = MODELS[name].data_needs
+    donor_key = None if needs.donors == "unused" else "donor"
+    if needs.modalities[1] == 1:
+        data = read_dataset(cite_like.adata, DatasetSpec(modalities={"rna": None}, donor_key=donor_key))
     else:
         mdata = cite_like.mdata
-        optional = name == "dmlivi"
+        optional = needs.missing_modalities
         if optional:  # every fourth cell has no protein measurement
             prot = mdata.mod["prot"]
             mdata = md.MuData({"rna": mdata.mod["rna"], "prot": prot[np.arange(prot.n_obs) % 4 != 0].copy()})
             mdata.obs["donor"] = mdata.mod["rna"].obs["donor"].to_numpy()
-        data = read_dataset(mdata, DatasetSpec(modalities={"rna": None, "prot": None}, donor_key="donor",
+        data = read_dataset(mdata, DatasetSpec(modalities={"rna": None, "prot": None}, donor_key=donor_key,
                                                optional_modalities=["prot"] if optional else []))
-    model = build_model(name, data, n_dxc=2, n_persistent=1)
+    model = build_model(name, data, **({"n_dxc": 2, "n_persistent": 1} if donor_key else {}))
     nll = heldout_nll(model, data, np.arange(40), batch_size=16)
     assert set(nll) == set(data.modalities)
     for modality, series in nll.items():

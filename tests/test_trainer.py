@@ -7,8 +7,8 @@ import torch
 
 from pyro_livi.data import DatasetSpec, read_dataset
 from pyro_livi.infer import (EarlyStopping, Stage, Trainer, TrainingConfig, TrainingDivergedError,
-                             livi_stages, seed_everything)
-from pyro_livi.models import LIVI
+                             seed_everything)
+from pyro_livi.models import LIVI, livi_stages
 from pyro_livi.simulate import SimulationConfig, simulate
 
 

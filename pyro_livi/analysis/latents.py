@@ -31,10 +31,11 @@ def cell_state(model, dataset, *, batch_size: int = 4096, n_samples: int = 0, se
 
 
 def cell_state_table(model, dataset, **kwargs) -> pd.DataFrame:
-    """Posterior mean cell state, rows = cell ids, columns ``c_0..``."""
+    """Posterior mean of the per-cell latent (``model.encode``), rows = cell ids, columns
+    named after the latent's sample site (``c_0..`` for the LIVI family's cell state)."""
     values = cell_state(model, dataset, **kwargs)
     return pd.DataFrame(values, index=dataset.obs_names,
-                        columns=[f"c_{k}" for k in range(values.shape[1])])
+                        columns=[f"{model.latent_site}_{k}" for k in range(values.shape[1])])
 
 
 @torch.no_grad()
@@ -96,3 +97,28 @@ def dispersion_tables(model, feature_names: dict) -> dict[str, pd.DataFrame]:
                                index=pd.Index(feature_names[modality], name="feature"))
         for modality, params in model.dispersions().items()
     }
+
+
+def output_tables(model, dataset) -> dict[str, pd.DataFrame]:
+    """Every table a model declares in ``model.outputs``, by file stem, each indexed by the
+    data's own ids: the per-cell latent (``model.latent_name``, rows = cell ids),
+    ``specific_state_<modality>``, donor factors ``D`` and ``V`` (rows = donor ids), the
+    assignment ``A``, ``loadings_<decoder>`` and ``dispersions_<modality>`` (rows = feature
+    names)."""
+    tables: dict[str, pd.DataFrame] = {}
+    for kind in model.outputs:
+        if kind == "latent":
+            tables[model.latent_name] = cell_state_table(model, dataset)
+        elif kind == "specific_state":
+            tables.update(specific_state_tables(model, dataset))
+        elif kind == "donor_factors":
+            tables.update(donor_factor_tables(model, dataset.donor_index))
+        elif kind == "assignment":
+            tables["A"] = assignment_table(model)
+        elif kind == "loadings":
+            tables.update({f"loadings_{k}": v for k, v in loading_tables(model, dataset.feature_names).items()})
+        elif kind == "dispersions":
+            tables.update({f"dispersions_{k}": v for k, v in dispersion_tables(model, dataset.feature_names).items()})
+        else:
+            raise ValueError(f"{type(model).__name__} declares an unknown output {kind!r}")
+    return tables

@@ -82,9 +82,12 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
     dataset : SingleCellDataset whose ``obs`` holds the label columns.
     out : directory receiving ``report.md``, ``metrics.tsv``, ``ppc_<modality>.tsv``,
         ``nll_<modality>.tsv`` and the PNGs.
-    label_keys : ``.obs`` columns probed and scored (cell type, ...); the donor column is added.
-    donor_key : donor column (default: the dataset spec's); the batches of the isolated-label
-        silhouette, and itself a label (the donor probe measures donor leakage).
+    label_keys : ``.obs`` columns probed and scored (cell type, ...); the donor column is added
+        when there is one.
+    donor_key : donor column (default: the dataset spec's, None for data without donors); the
+        batches of the isolated-label silhouette, and itself a label (the donor probe measures
+        donor leakage). Without donors the isolated-label silhouette has no batches and the
+        report has no donor-leakage line.
     history : training history (loss curve), optional.
     n_pcs : principal components of the baseline latent.
     probe_seeds, n_neighbors, resolutions : probe and graph-metric settings.
@@ -96,7 +99,7 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     donor_key = donor_key or dataset.spec.donor_key
-    labels = list(dict.fromkeys([*label_keys, donor_key]))
+    labels = list(dict.fromkeys([*label_keys, *([donor_key] if donor_key else [])]))
     missing = [k for k in labels if k not in dataset.obs.columns]
     if missing:
         raise InputError(dataset.source, f"obs['{missing[0]}']",
@@ -107,29 +110,37 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
     rng = np.random.default_rng(seed)
 
     tic = time.perf_counter()
-    latents = {CELL_STATE: cell_state(model, dataset), f"pca{n_pcs}": pca_latent(dataset, n_pcs=n_pcs, seed=seed)}
+    baseline = f"pca{n_pcs}"
+    latents = {CELL_STATE: cell_state(model, dataset), baseline: pca_latent(dataset, n_pcs=n_pcs, seed=seed)}
+    obs = dataset.obs
+    if not labels:  # no labels and no donors: Leiden clusters of the baseline stand in for cell types
+        key = f"leiden_{baseline}"
+        graph = knn_graph(latents[baseline], n_neighbors=n_neighbors, seed=seed)
+        clusters = leiden_clusterings(graph, 1.0, seed=seed)[1.0]
+        obs = obs.assign(**{key: pd.Categorical(np.asarray(clusters).astype(str))})
+        labels = [key]
     timings["latents"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
     results, per_class = {}, {}
     for name, latent in latents.items():
         for key in labels:
-            result = probe(latent, dataset.obs[key].to_numpy(), seeds=probe_seeds, label=key)
+            result = probe(latent, obs[key].to_numpy(), seeds=probe_seeds, label=key)
             results[(name, key)] = result
             per_class[(name, key)] = result.per_class
     probes = probe_table(results)
     timings["probes"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    donors = dataset.obs[donor_key].to_numpy()
+    donors = dataset.obs[donor_key].to_numpy() if donor_key else None
     graph_rows, graphs = [], {}
     for name, latent in latents.items():
         graphs[name] = knn_graph(latent, n_neighbors=n_neighbors, seed=seed)
         clusterings = leiden_clusterings(graphs[name], resolutions, seed=seed)
         for key in labels:
-            values = dataset.obs[key].to_numpy()
+            values = obs[key].to_numpy()
             batches = None if key == donor_key else donors
-            labelled = dataset.obs[key].notna().to_numpy()
+            labelled = obs[key].notna().to_numpy()
             if labelled.all():
                 metrics = graph_metrics(latent, values, batches, graph=graphs[name],
                                         clusterings=clusterings, seed=seed)
@@ -170,11 +181,15 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
     if umap:
         for name, latent in latents.items():
             path = out / f"umap_{name}.png"
-            plot_umap(latent, dataset.obs[labels], path, graph=graphs[name], seed=seed, title=name)
+            plot_umap(latent, obs[labels], path, graph=graphs[name], seed=seed, title=name)
             figures[f"umap_{name}"] = path
     timings["figures"] = time.perf_counter() - tic
 
-    context = {"cells evaluated": dataset.n_cells, "donors": int(np.unique(donors).size),
+    if labels[0] not in dataset.obs.columns:
+        context = {**(context or {}), "labels": f"none given; `{labels[0]}` is the Leiden clustering "
+                   f"(resolution 1) of the {baseline} baseline's kNN graph, which favours that baseline"}
+    context = {"cells evaluated": dataset.n_cells,
+               "donors": "none" if donors is None else int(np.unique(donors).size),
                "features": ", ".join(f"{m}: {g}" for m, g in dataset.n_features.items()),
                "data": dataset.source, **(context or {})}
     evaluation = Evaluation(probes=probes, per_class=per_class, graph=graph, nll=nll,
@@ -219,7 +234,7 @@ def _markdown_table(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
     return "\n".join([header, rule, *body])
 
 
-def write_report(evaluation: Evaluation, path, *, donor_key: str, n_pcs: int, ppc_cells: int,
+def write_report(evaluation: Evaluation, path, *, donor_key: str | None, n_pcs: int, ppc_cells: int,
                  ppc_samples: int, n_seeds: int = 5, n_neighbors: int = 15) -> Path:
     """Write ``report.md`` from an :class:`Evaluation`."""
     path = Path(path)
@@ -261,9 +276,10 @@ def write_report(evaluation: Evaluation, path, *, donor_key: str, n_pcs: int, pp
               f"kNN graph (scanpy, {n_neighbors} neighbours) of each latent; ARI/NMI between the "
               "label and "
               "the Leiden clustering with the highest NMI over the scanned resolutions; "
-              "silhouettes rescaled to [0, 1]; graph connectivity as in scIB; isolated labels are "
-              f"the label values present in the fewest donors (`{donor_key}`), not computed for the "
-              "donor label itself.", "",
+              "silhouettes rescaled to [0, 1]; graph connectivity as in scIB; "
+              + (f"isolated labels are the label values present in the fewest donors (`{donor_key}`), "
+                 "not computed for the donor label itself." if donor_key else
+                 "isolated labels are the least frequent label values (the data have no donors)."), "",
               _markdown_table(ev.graph.drop(columns=["isolated_labels"]))]
     lines += ["", "## Reconstruction", "",
               "Negative log-likelihood (nats) of the evaluated cells under the model's own "

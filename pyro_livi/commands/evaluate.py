@@ -29,7 +29,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=".obs column with donor ids (default: the one the run was fitted with)")
     p.add_argument("--label-keys", nargs="*", default=None, metavar="KEY",
                    help=".obs columns to probe and score, e.g. cell_type (default: the run's "
-                   "label keys); the donor column is always added")
+                   "label keys); the donor column is added when the run has donors")
     p.add_argument("--n-cells", type=int, default=None, metavar="N",
                    help="evaluate a random subset of N cells (seeded)")
     p.add_argument("--n-pcs", type=int, default=15, help="principal components of the baseline (default 15)")
@@ -46,8 +46,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 def load_run(run_dir, data, *, donor_key: str | None = None, label_keys=None):
     """``(model, dataset, history, meta)``: a fitted run and the data re-read as it was fitted.
 
-    The data are read with the run's modalities and layers, its donor index and covariate
-    categories; ``label_keys`` (default: the run's) are kept in ``dataset.obs``.
+    The data are read with the run's modalities and layers, its donor index (when it has
+    donors) and covariate categories; ``label_keys`` (default: the run's) are kept in
+    ``dataset.obs``.
     """
     import pandas as pd
 
@@ -61,14 +62,18 @@ def load_run(run_dir, data, *, donor_key: str | None = None, label_keys=None):
     model, meta = load_model(run_dir)
     saved = meta.get("spec")
     if saved is None:
-        if donor_key is None:
+        if donor_key is None and meta["donor_index"] is not None:
             raise InputError(run_dir / MODEL_FILE, "spec", "the run has no saved dataset spec, so "
                              "its donor key is unknown", "pass --donor-key")
         saved = {"modalities": {m: None for m in meta["feature_names"]}, "donor_key": donor_key}
     spec = dict(saved)
-    spec["donor_key"] = donor_key or saved["donor_key"]
+    if meta["donor_index"] is not None:
+        spec["donor_key"] = donor_key or saved.get("donor_key")
+    elif donor_key is not None:
+        raise InputError(run_dir / MODEL_FILE, "--donor-key", f"the run's model ({meta['model']}) was fitted "
+                         "without donors", "leave out --donor-key, or add the donor column to --label-keys")
     keys = list(saved.get("label_keys", [])) if label_keys is None else list(label_keys)
-    spec["label_keys"] = [k for k in dict.fromkeys(keys) if k != spec["donor_key"]]
+    spec["label_keys"] = [k for k in dict.fromkeys(keys) if k != spec.get("donor_key")]
     dataset = read_dataset(data, DatasetSpec.from_dict(spec), donor_index=meta["donor_index"],
                            covariate_categories=meta["covariate_categories"])
     for modality, names in meta["feature_names"].items():

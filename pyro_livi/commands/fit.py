@@ -1,54 +1,86 @@
-"""``pyro-livi fit``: fit a model and write RUN_DIR."""
+"""``pyro-livi fit``: fit any registered model and write RUN_DIR.
+
+The generic flags (data, modalities, training) are the same for every model; the chosen
+model's own options (:attr:`~pyro_livi.models.ZooModel.options`) become flags of their own,
+listed by ``pyro-livi fit --model NAME --help``.
+"""
 
 from __future__ import annotations
 
+import argparse
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("fit", help="fit a model to an .h5ad/.h5mu file and write RUN_DIR",
-                              description="Fit a model; RUN_DIR receives model.pt, D.tsv, V.tsv, A.tsv, "
-                              "cell_state.tsv, loadings, dispersions, history.tsv and loss_curve.png.")
-    p.add_argument("--data", required=True, help=".h5ad or .h5mu file with raw counts")
-    p.add_argument("--model", default="livi",
-                   help="model name: livi (default), multislivi or dmlivi (RNA + protein MuData)")
-    p.add_argument("--donor-key", required=True, help=".obs column with donor ids")
-    p.add_argument("--layer", default=None, help="layer with raw counts (default: .X)")
-    p.add_argument("--covariate-keys", nargs="*", default=[], help="categorical .obs covariates")
-    p.add_argument("--likelihood", default="nb", help="RNA likelihood (nb, zinb, poisson, ...)")
+
+def _requested_model(argv) -> str:
+    """The value of ``--model`` on the command line (``livi`` when absent)."""
+    argv = list(argv or [])
+    for k, arg in enumerate(argv):
+        if arg == "--model" and k + 1 < len(argv):
+            return argv[k + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    return "livi"
+
+
+def _add_option(group, name: str, option) -> None:
+    """One model option as a flag whose value reaches the model only when given."""
+    flags = [f"--{name.replace('_', '-')}", *option.flags]
+    text = f"{option.help} (default: {option.default})"
+    if isinstance(option.default, bool):
+        group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=text)
+        return
+    element = option.type or type(option.default)
+    group.add_argument(*flags, dest=name, type=element, nargs=option.nargs, choices=option.choices,
+                       default=argparse.SUPPRESS, help=text)
+
+
+def register(subparsers, argv=None) -> None:
+    from ..likelihoods import LIKELIHOODS
+    from ..models import MODELS
+
+    chosen = _requested_model(argv)
+    p = subparsers.add_parser(
+        "fit", help="fit a model of the zoo to an .h5ad/.h5mu file and write RUN_DIR",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Fit a model (`pyro-livi models` lists them) on its default training schedule. "
+        "RUN_DIR receives model.pt, the model's tables (per-cell latent, and for donor models D.tsv, "
+        "V.tsv, A.tsv; loadings, dispersions), history.tsv, loss_curve.png and run.json. "
+        "`pyro-livi fit --model NAME --help` lists the options of model NAME.")
+    p.add_argument("--data", required=True, help=".h5ad or .h5mu file")
+    p.add_argument("--model", default="livi", choices=sorted(MODELS), help="model of the zoo")
+    p.add_argument("--donor-key", default=None,
+                   help=".obs column with donor ids (needed by models with donor factors)")
+    p.add_argument("--layer", default=None, help="layer of the first modality to read (default: .X)")
     p.add_argument("--modalities", default=None,
-                   help="multislivi/dmlivi: comma-separated MuData modalities, RNA first, each "
-                   "optionally with its count layer as name:layer (default: rna,prot; --layer "
-                   "applies to the first when it has none)")
-    p.add_argument("--optional-modalities", default="",
-                   help="comma-separated modalities some cells lack (dmlivi), e.g. prot")
-    p.add_argument("--protein-weight", type=float, default=1.0,
-                   help="multislivi/dmlivi: weight lambda of every modality after the first "
-                   "(seed 001 uses 50 to 200; RNA keeps 1)")
-    p.add_argument("--protein-likelihood", default="nb",
-                   help="multislivi/dmlivi: likelihood of every modality after the first "
-                   "(nb, nb_mixture, ...)")
-    p.add_argument("--link", choices=["softmax", "identity"], default=None,
-                   help="link of the cell-state decoder term (default: the model's own; "
-                   "softmax for livi and multislivi, identity for dmlivi)")
-    p.add_argument("--epochs-vae", type=int, default=60, help="epochs of the VAE stage")
-    p.add_argument("--epochs", type=int, default=200, help="maximum epochs of the donor stage")
-    p.add_argument("--warmup-epochs-G", type=int, default=0, help="epochs of V alone before D joins")
-    p.add_argument("--persistent-in-vae-stage", action="store_true",
-                   help="train V and W_V jointly with the VAE in stage 1, so that the cell state "
-                   "does not absorb persistent donor effects (recommended; the paper trains the VAE alone)")
-    p.add_argument("--patience", type=int, default=20, help="early-stopping patience (epochs)")
-    p.add_argument("--n-cell-state", type=int, default=15, help="K_C (K_shared for dmlivi)")
-    p.add_argument("--n-dxc", type=int, default=100, help="K_DxC, number of interaction factors D")
-    p.add_argument("--n-persistent", type=int, default=5, help="K_V, number of persistent factors V")
-    p.add_argument("--donor-guide", choices=["delta", "normal"], default="delta",
-                   help="point estimates (delta) or a Normal posterior for D and V")
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=8e-4, help="Adam learning rate of the VAE parts")
-    p.add_argument("--donor-lr", type=float, default=1e-2, help="Adam learning rate of the donor parts")
-    p.add_argument("--seed", type=int, default=0)
+                   help="comma-separated MuData modalities, the first the reference, each optionally "
+                   "with its layer as name:layer (default: rna for one-modality models, rna,prot for "
+                   "the others; --layer applies to the first when it has none)")
+    p.add_argument("--optional-modalities", default="", help="comma-separated modalities some cells lack")
+    p.add_argument("--continuous-modalities", default="",
+                   help="comma-separated modalities holding continuous values (log-normalised, CLR, "
+                   "TF-IDF) instead of raw counts")
+    p.add_argument("--covariate-keys", nargs="*", default=[], help="categorical .obs covariates (e.g. batch)")
+    p.add_argument("--label-keys", nargs="*", default=[], help=".obs columns kept for evaluation (e.g. cell_type)")
+    p.add_argument("--likelihood", default=None, choices=sorted(LIKELIHOODS),
+                   help="likelihood of the first modality (default: the model's, nb)")
+    p.add_argument("--protein-likelihood", default=None, choices=sorted(LIKELIHOODS),
+                   help="likelihood of every modality after the first (default: the model's, nb)")
+    p.add_argument("--epochs", type=int, default=200,
+                   help="maximum epochs of the model's last stage (the donor stage of the LIVI family)")
+    p.add_argument("--patience", type=int, default=20,
+                   help="early stopping after this many stalled epochs (0: no early stopping)")
+    p.add_argument("--batch-size", type=int, default=1024, help="cells per minibatch")
+    p.add_argument("--lr", type=float, default=8e-4, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, minibatches and sampling")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints")
     p.add_argument("--out", required=True, help="RUN_DIR")
-    p.set_defaults(func=run)
+    if chosen in MODELS:
+        cls = MODELS[chosen]
+        group = p.add_argument_group(f"options of model {chosen}", cls.summary)
+        for name, option in cls.options.items():
+            _add_option(group, name, option)
+    p.set_defaults(func=run, model_options=tuple(MODELS[chosen].options) if chosen in MODELS else ())
 
 
 def _modalities(text: str, layer: str | None) -> dict:
@@ -60,35 +92,37 @@ def _modalities(text: str, layer: str | None) -> dict:
     return out
 
 
-def _model_options(args) -> dict:
-    """Constructor options of the chosen model from the command line."""
-    common = dict(n_dxc=args.n_dxc, n_persistent=args.n_persistent, donor_guide=args.donor_guide)
-    if args.link is not None:
-        common["link"] = args.link
-    if args.model == "livi":
-        return dict(likelihood=args.likelihood, n_cell_state=args.n_cell_state, **common)
-    first, *rest = _modalities(args.modalities or "rna,prot", args.layer)
-    likelihoods = {first: args.likelihood, **{m: args.protein_likelihood for m in rest}}
-    weights = {first: 1.0, **{m: args.protein_weight for m in rest}}
-    size = {"n_cell_state" if args.model == "multislivi" else "n_shared": args.n_cell_state}
-    return dict(likelihoods=likelihoods, modality_weights=weights, **size, **common)
+def _names(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
 
 
 def run(args) -> int:
+    from ..models import MODELS
     from ..run import fit
 
-    multimodal = args.model != "livi"
+    cls = MODELS[args.model]
+    default = "rna" if cls.data_needs.modalities[1] == 1 else "rna,prot"
+    modalities = _modalities(args.modalities or default, args.layer)
+    first, *rest = modalities
+    likelihoods = {}
+    if args.likelihood:
+        likelihoods[first] = args.likelihood
+    if args.protein_likelihood:
+        likelihoods.update({m: args.protein_likelihood for m in rest})
+    options = {k: getattr(args, k) for k in args.model_options if hasattr(args, k)}
+    if likelihoods:
+        options["likelihoods"] = likelihoods
     result = fit(
-        args.data, model=args.model, donor_key=args.donor_key, layer=args.layer,
-        modalities=_modalities(args.modalities or "rna,prot", args.layer) if multimodal else None,
-        optional_modalities=[m for m in args.optional_modalities.split(",") if m.strip()],
-        covariate_keys=args.covariate_keys, epochs_vae=args.epochs_vae, epochs=args.epochs,
-        warmup_epochs_G=args.warmup_epochs_G, persistent_in_vae_stage=args.persistent_in_vae_stage,
-        patience=args.patience, batch_size=args.batch_size,
-        lr=args.lr, donor_lr=args.donor_lr, seed=args.seed, device=args.device, out=args.out,
-        resume=args.resume, **_model_options(args),
+        args.data, model=args.model, donor_key=args.donor_key, modalities=modalities,
+        optional_modalities=_names(args.optional_modalities),
+        continuous_modalities=_names(args.continuous_modalities),
+        covariate_keys=args.covariate_keys, label_keys=args.label_keys, epochs=args.epochs,
+        patience=args.patience or None, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        device=args.device, out=args.out, resume=args.resume, **options,
     )
     last = result.history.iloc[-1]
-    print(f"fitted {args.model} on {result.dataset.n_cells} cells, {len(result.dataset.donor_index)} donors; "
-          f"{len(result.history)} epochs, final loss {last['loss']:.4f} per cell; outputs in {args.out}")
+    donors = result.dataset.donor_index
+    print(f"fitted {args.model} on {result.dataset.n_cells} cells"
+          f"{'' if donors is None else f', {len(donors)} donors'}; {len(result.history)} epochs, "
+          f"final loss {last['loss']:.4f} per cell; outputs in {args.out}")
     return 0

@@ -19,15 +19,18 @@ class Batch:
         Number of cells in the full dataset (the cell plate's size, so the plate scales
         cell-level terms by ``n_cells / B``).
     x : dict[str, Tensor]
-        Modality name -> raw counts, float32, shape (B, n_features[modality]).
+        Modality name -> values, float32, shape (B, n_features[modality]): raw counts, or
+        continuous values for the dataset's continuous modalities.
     size_factor : dict[str, Tensor]
-        Modality name -> total count of each cell in that modality, shape (B,), in counts.
+        Modality name -> total count of each cell in that modality, shape (B,), in counts
+        (1.0 for continuous modalities).
     present : dict[str, BoolTensor]
         Modality name -> whether the cell was measured in that modality, shape (B,).
         Cells absent from a modality have zeros in ``x`` and must be masked out of its
         observation site.
-    donor : LongTensor, shape (B,)
-        Integer donor code of each cell (see :class:`pyro_livi.data.DonorIndex`).
+    donor : LongTensor, shape (B,), or None
+        Integer donor code of each cell (see :class:`pyro_livi.data.DonorIndex`); None for
+        data read without a donor key.
     covariates : LongTensor, shape (B, n_covariates)
         Integer category code of each categorical covariate (may have zero columns).
     """
@@ -37,7 +40,7 @@ class Batch:
     x: dict[str, torch.Tensor]
     size_factor: dict[str, torch.Tensor]
     present: dict[str, torch.Tensor]
-    donor: torch.Tensor
+    donor: torch.Tensor | None
     covariates: torch.Tensor
     extra: dict = field(default_factory=dict)
 
@@ -54,6 +57,6 @@ class Batch:
             x=move(self.x),
             size_factor=move(self.size_factor),
             present=move(self.present),
-            donor=self.donor.to(device),
+            donor=None if self.donor is None else self.donor.to(device),
             covariates=self.covariates.to(device),
         )

@@ -2,8 +2,8 @@
 
 ``read_dataset`` takes an ``.h5ad`` / ``.h5mu`` path or an in-memory AnnData / MuData and a
 :class:`~pyro_livi.data.spec.DatasetSpec`, checks the data against the data contract
-(raw integer counts, no empty cells, unique and aligned cell ids, donor and covariate
-columns present) and returns a dataset that hands out dense minibatches
+(raw integer counts, or finite values for continuous modalities; no empty cells, unique and
+aligned cell ids, donor and covariate columns present) and returns a dataset that hands out dense minibatches
 (:class:`~pyro_livi.data.batch.Batch`) while the full matrices stay as stored: sparse
 matrices stay sparse, backed files stay on disk. Every problem is an
 :class:`~pyro_livi.errors.InputError` that names the file, the field and the fix.
@@ -111,15 +111,12 @@ class _CountMatrix:
         return block[inverse.ravel()]
 
     def chunks(self):
-        """Yield ``(start, stop, block)`` over all rows; blocks are sparse or dense as stored."""
+        """Yield ``(start, stop, block)`` over all rows, about ``BACKED_CHUNK_VALUES`` stored
+        values a block (so that checks over every value never allocate more than that);
+        blocks are sparse or dense as stored."""
         n, g = self.shape
-        if self.kind in ("csr", "dense"):
-            yield 0, n, self.matrix
-            return
-        step = max(1, BACKED_CHUNK_VALUES // max(g, 1))
-        if self.kind == "backed_sparse":
-            nnz_per_row = max(1.0, self._backed_nnz() / max(n, 1))
-            step = max(1, int(BACKED_CHUNK_VALUES // nnz_per_row))
+        nnz_per_row = max(1.0, self.n_stored() / max(n, 1))
+        step = max(1, int(BACKED_CHUNK_VALUES // nnz_per_row))
         for start in range(0, n, step):
             stop = min(n, start + step)
             yield start, stop, self.matrix[start:stop]
@@ -143,103 +140,99 @@ class _CountMatrix:
             return self._backed_nnz()
         return self.shape[0] * self.shape[1]
 
-    def sample_values(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """``n`` stored values drawn uniformly at random (in-memory matrices only)."""
-        if self.kind == "csr":
-            return self.matrix.data[rng.integers(0, self.matrix.nnz, size=n)]
-        r = rng.integers(0, self.shape[0], size=n)
-        c = rng.integers(0, self.shape[1], size=n)
-        return np.asarray(self.matrix[r, c]).reshape(-1)
-
 
 class _ValueTally:
-    """Counts of bad stored values (non-finite, negative, non-integer) with an example each."""
+    """Counts of bad stored values (non-finite; for counts also negative, non-integer), with the
+    (row, column, value) of the first of each kind."""
 
-    def __init__(self):
-        self.checked = 0
+    def __init__(self, continuous: bool):
+        self.continuous = continuous
         self.counts = {"non-finite": 0, "negative": 0, "non-integer": 0}
-        self.examples: dict[str, float] = {}
+        self.examples: dict[str, tuple[int, int, float]] = {}
 
-    def add(self, values: np.ndarray) -> None:
-        values = np.asarray(values)
-        self.checked += values.size
+    def add(self, block, row_offset: int) -> None:
+        """Check every stored value of ``block`` (rows ``row_offset..``), sparse or dense."""
+        if sp.issparse(block):
+            block = block.tocoo()
+            values, rows, cols = block.data, block.row, block.col
+        else:
+            block = np.asarray(block)
+            values, rows, cols = block.reshape(-1), None, None
         if values.size == 0 or values.dtype.kind in "ub":
             return
         bad = {}
         if values.dtype.kind == "f":
             finite = np.isfinite(values)
             bad["non-finite"] = ~finite
-            fin = np.where(finite, values, 0)
-            bad["negative"] = fin < 0
-            bad["non-integer"] = fin != np.floor(fin)
-        else:
+            if not self.continuous:
+                fin = np.where(finite, values, 0)
+                bad["negative"] = fin < 0
+                bad["non-integer"] = fin != np.floor(fin)
+        elif not self.continuous:
             bad["negative"] = values < 0
         for name, mask in bad.items():
             k = int(np.count_nonzero(mask))
             if k:
                 self.counts[name] += k
-                self.examples.setdefault(name, values[np.argmax(mask)].item())
+                if name not in self.examples:
+                    first = int(np.argmax(mask))
+                    if rows is None:
+                        r, c = divmod(first, block.shape[1])
+                    else:
+                        r, c = int(rows[first]), int(cols[first])
+                    self.examples[name] = (row_offset + r, c, values[first].item())
 
 
-def _check_dtype(m: _CountMatrix, source: str) -> None:
+def _check_dtype(m: _CountMatrix, source: str, continuous: bool, name: str) -> None:
     if m.dtype.kind not in "uif":
+        what = "values" if continuous else "counts"
         raise InputError(source, m.field,
-                         f"counts have dtype {m.dtype}, not a numeric type",
-                         "store raw integer counts (an integer or float array); if the raw "
-                         "counts are in a layer, name it in the spec, e.g. "
-                         "modalities={'rna': 'counts'}")
+                         f"{what} have dtype {m.dtype}, not a numeric type",
+                         "store numbers (an integer or float array)" + ("" if continuous else
+                         " of raw integer counts; if the raw counts are in a layer, name it ("
+                         + _layer_fix(name) + ")"))
 
 
-def _count_totals(m: _CountMatrix, source: str, check_sample: int | None,
-                  rng: np.random.Generator) -> np.ndarray:
-    """Total count of every row (float64, shape (n_rows,)), after checking the values.
+def _layer_fix(name: str, layer: str = "counts") -> str:
+    """How to name a layer, in the spec's Python form and as the CLI flag."""
+    return f"modalities={{'{name}': '{layer}'}} in Python, --layer {layer} or --modalities {name}:{layer} on the CLI"
 
-    In memory, every row total is computed (so NaN/inf anywhere is caught), and the stored
-    values are checked for negatives and non-integers in full when there are at most
-    ``check_sample`` of them, else in a random sample of ``check_sample`` stored values.
-    Backed matrices are read in chunks and every stored value is checked as it is read.
+
+def _value_totals(m: _CountMatrix, source: str, name: str, continuous: bool, cell_names,
+                  feature_names) -> np.ndarray:
+    """Row totals (float64, shape (n_rows,)) after checking every stored value.
+
+    The matrix is read in blocks of about ``BACKED_CHUNK_VALUES`` stored values, in memory or
+    on disk alike, and every stored value is checked: finite always; for counts
+    (``continuous=False``) also non-negative and integer. Raises an InputError naming the
+    file, the field, the first offending cell and feature, and the fix.
     """
-    _check_dtype(m, source)
-    tally = _ValueTally()
+    _check_dtype(m, source, continuous, name)
+    tally = _ValueTally(continuous)
     totals = np.zeros(m.shape[0], dtype=np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         for start, stop, block in m.chunks():
             totals[start:stop] = np.asarray(block.sum(axis=1, dtype=np.float64)).reshape(-1)
-            if m.backed:
-                tally.add(m.stored_values(block))
-        n_stored = m.n_stored()
-        sampled = False
-        if not m.backed:
-            if check_sample is None or n_stored <= check_sample:
-                tally.add(m.stored_values(m.matrix))
-            else:
-                tally.add(m.sample_values(int(check_sample), rng))
-                sampled = True
-    where = (f"in a random sample of {tally.checked:,} of the {n_stored:,} stored values "
-             f"(check_sample={check_sample}; the remaining values are not checked for this)"
-             if sampled else f"among all {n_stored:,} stored values")
-    fix_raw = ("give raw integer counts (not normalised, scaled or log-transformed values); "
-               "if the raw counts are in a layer, name it in the spec, e.g. "
-               "modalities={'rna': 'counts'}")
-    nonfinite_rows = ~np.isfinite(totals)
-    if nonfinite_rows.any() or tally.counts["non-finite"]:
-        k = int(nonfinite_rows.sum())
-        raise InputError(source, m.field,
-                         f"counts contain NaN or inf ({k:,} cell(s) have a non-finite total)",
-                         "replace the NaN/inf entries with the measured counts, or drop "
-                         "those cells; " + fix_raw)
-    if tally.counts["negative"] or (totals < 0).any():
-        k = tally.counts["negative"]
-        detail = (f"{k:,} negative {where}, e.g. {tally.examples['negative']}" if k else
-                  f"{int((totals < 0).sum()):,} cell(s) have a negative total count")
-        raise InputError(source, m.field, f"counts contain negative values ({detail})", fix_raw)
-    if tally.counts["non-integer"]:
-        k = tally.counts["non-integer"]
-        raise InputError(source, m.field,
-                         f"counts are not integers ({k:,} non-integer values {where}, e.g. "
-                         f"{tally.examples['non-integer']})",
-                         fix_raw)
-    return totals
+            tally.add(block, start)
+    if not any(tally.counts.values()):
+        return totals
+    kind = next(k for k, v in tally.counts.items() if v)
+    row, col, value = tally.examples[kind]
+    where = (f"{tally.counts[kind]:,} among all {m.n_stored():,} stored values; the first in cell "
+             f"'{cell_names[row]}' (row {row}), feature '{feature_names[col]}' (column {col}): {value}")
+    if continuous:
+        raise InputError(source, m.field, f"values contain NaN or inf ({where})",
+                         "replace the NaN/inf entries, or drop those cells or features")
+    fix_raw = ("give raw integer counts (not normalised, scaled or log-transformed values): "
+               "if the raw counts are in a layer, name it (" + _layer_fix(name) + "); if this "
+               f"modality really holds continuous values, declare it continuous "
+               f"(continuous_modalities=['{name}'] in Python, --continuous-modalities {name} on "
+               "the CLI) for a model that reads continuous input")
+    problem = {"non-finite": "counts contain NaN or inf", "negative": "counts contain negative values",
+               "non-integer": "counts are not integers"}[kind]
+    if kind == "non-finite":
+        fix_raw = "replace the NaN/inf entries with the measured counts, or drop those cells; " + fix_raw
+    raise InputError(source, m.field, f"{problem} ({where})", fix_raw)
 
 
 # --------------------------------------------------------------------------------------
@@ -450,8 +443,9 @@ class SingleCellDataset:
     obs_names : pd.Index, shape (n_cells,)
     obs : pd.DataFrame, shape (n_cells, .)
         Copies of the donor, covariate and label columns only, indexed by ``obs_names``.
-    donor_index : DonorIndex
-    donor_codes : np.ndarray[int64], shape (n_cells,)
+    donor_index : DonorIndex | None
+        None when the spec has no donor key.
+    donor_codes : np.ndarray[int64], shape (n_cells,), or None without donors
     covariate_categories : dict[str, list[str]]
         Covariate key -> its categories (as strings); code k is ``categories[k]``.
     covariate_codes : np.ndarray[int64], shape (n_cells, n_covariates)
@@ -459,7 +453,8 @@ class SingleCellDataset:
     present : dict[str, np.ndarray[bool]], each shape (n_cells,)
         Whether each cell was measured in the modality (all True unless optional).
     size_factors : dict[str, np.ndarray[float64]], each shape (n_cells,)
-        Total count of each cell in the modality (counts). Cells absent from an optional
+        Total count of each cell in the modality (counts; 1.0 for continuous modalities).
+        Cells absent from an optional
         modality get 1.0, a neutral placeholder that keeps ``log(size_factor)`` finite; their
         counts are zero and ``present`` is False, so models mask them out.
     notes : list[str]
@@ -503,8 +498,9 @@ class SingleCellDataset:
 
     def __repr__(self) -> str:
         feats = ", ".join(f"{m}: {g}" for m, g in self.n_features.items())
+        donors = "no donors" if self.donor_index is None else f"{len(self.donor_index)} donors"
         return (f"SingleCellDataset({self.source}, {self.n_cells} cells, "
-                f"{len(self.donor_index)} donors, features {{{feats}}}"
+                f"{donors}, features {{{feats}}}"
                 f"{', backed' if self.backed else ''})")
 
     def _check_idx(self, idx, what: str = "idx") -> np.ndarray:
@@ -560,7 +556,7 @@ class SingleCellDataset:
             size_factor={m: torch.from_numpy(self.size_factors[m][idx].astype(np.float32))
                          for m in self.modalities},
             present=present,
-            donor=torch.from_numpy(self.donor_codes[idx].copy()),
+            donor=None if self.donor_codes is None else torch.from_numpy(self.donor_codes[idx].copy()),
             covariates=torch.from_numpy(self.covariate_codes[idx].copy()),
         )
 
@@ -597,7 +593,7 @@ class SingleCellDataset:
             cells=self._cells[idx],
             obs=self.obs.iloc[idx].copy(),
             donor_index=self.donor_index,
-            donor_codes=self.donor_codes[idx],
+            donor_codes=None if self.donor_codes is None else self.donor_codes[idx],
             covariate_categories={k: list(v) for k, v in self.covariate_categories.items()},
             covariate_codes=self.covariate_codes[idx],
             present={m: v[idx] for m, v in self.present.items()},
@@ -608,6 +604,9 @@ class SingleCellDataset:
 
     def donor_cell_counts(self) -> pd.Series:
         """Number of cells of every donor of the index (0 for donors absent here)."""
+        if self.donor_index is None:
+            raise InputError(self.source, "donor_key", "the data were read without donors",
+                             "read them with a donor key (donor_key= in Python, --donor-key on the CLI)")
         counts = np.bincount(self.donor_codes, minlength=len(self.donor_index))
         return pd.Series(counts, index=pd.Index(self.donor_index.ids, name="donor"),
                          name="n_cells")
@@ -620,8 +619,7 @@ class SingleCellDataset:
 
 def read_dataset(data, spec: DatasetSpec | dict, *, backed: bool = False,
                  donor_index: DonorIndex | None = None,
-                 covariate_categories: dict | None = None,
-                 check_sample: int | None = 200_000, seed: int = 0) -> SingleCellDataset:
+                 covariate_categories: dict | None = None) -> SingleCellDataset:
     """Read and validate single-cell counts.
 
     Parameters
@@ -637,17 +635,10 @@ def read_dataset(data, spec: DatasetSpec | dict, *, backed: bool = False,
     donor_index, covariate_categories
         A fitted model's donor index and covariate categories, re-applied to this data
         (unseen donors or categories raise an InputError); built from the data when None.
-    check_sample : int | None
-        In-memory matrices with more stored values than this have a random sample of
-        ``check_sample`` stored values checked for negatives and non-integers (None: check
-        every value). NaN/inf are caught everywhere through the cell totals. Backed
-        matrices have every value checked while they are read in chunks.
-    seed : int
-        Seed of that random sample.
-
-    Checks (each an InputError naming the file, the field and the fix): raw counts are
-    non-negative integers without NaN/inf; no cell has a zero total in a modality where it
-    is present; cell ids are unique; MuData modalities hold the first modality's cells in
+    Checks (each an InputError naming the file, the field and the fix): every stored value of a
+    count modality is a non-negative integer, every value of a continuous modality
+    (``spec.continuous_modalities``) is finite (one vectorised pass over all values, in
+    chunks); no cell has a zero total count in a count modality where it is present; cell ids are unique; MuData modalities hold the first modality's cells in
     its order (optional modalities: a subset of them); the donor, covariate and label
     columns, layers and modalities exist; no cell lacks a donor or a covariate value.
     Donors with a single cell only give a warning.
@@ -657,9 +648,6 @@ def read_dataset(data, spec: DatasetSpec | dict, *, backed: bool = False,
     elif not isinstance(spec, DatasetSpec):
         raise InputError("<spec>", "<spec>", f"expected a DatasetSpec or a dict, got "
                          f"{type(spec).__name__}", "pass DatasetSpec(...) or its dict form")
-    if check_sample is not None and int(check_sample) < 1:
-        raise InputError("<arguments>", "check_sample", f"must be >= 1, got {check_sample}",
-                         "give a positive sample size, or None to check every value")
     obj, source = _open(data, backed)
     is_mu = _is_mudata(obj)
     mods = _modalities(obj, spec, source)
@@ -669,7 +657,6 @@ def read_dataset(data, spec: DatasetSpec | dict, *, backed: bool = False,
     if ref.n_obs == 0:
         raise InputError(source, f"mdata.mod['{ref_name}']" if is_mu else "adata.obs",
                          "no cells", "give data with at least one cell")
-    rng = np.random.default_rng(seed)
     notes: list[str] = []
 
     rows_of_cell: dict[str, np.ndarray | None] = {}
@@ -681,8 +668,8 @@ def read_dataset(data, spec: DatasetSpec | dict, *, backed: bool = False,
 
     # .obs columns: donor, covariates, labels (copies, in the reference cells' order).
     columns: dict[str, pd.Series] = {}
-    donor_col = _obs_column(obj, ref, spec.donor_key, "donor_key", source)
-    columns[spec.donor_key] = donor_col
+    if spec.donor_key is not None:
+        columns[spec.donor_key] = _obs_column(obj, ref, spec.donor_key, "donor_key", source)
     for key in spec.covariate_keys:
         columns.setdefault(key, _obs_column(obj, ref, key, "covariate_keys", source))
     for key in spec.label_keys:
@@ -690,11 +677,18 @@ def read_dataset(data, spec: DatasetSpec | dict, *, backed: bool = False,
     obs = pd.DataFrame({k: c.reset_index(drop=True).copy() for k, c in columns.items()})
     obs.index = ref_names.copy()
 
-    _nan_check(donor_col, ref_names, spec.donor_key, "donor_key", source, "donor id")
-    if donor_index is None:
-        donor_index = DonorIndex.from_values(donor_col.to_numpy(), source,
-                                             f"obs['{spec.donor_key}']")
-    donor_codes = donor_index.encode(donor_col.to_numpy(), source, f"obs['{spec.donor_key}']")
+    donor_codes = None
+    if spec.donor_key is not None:
+        donor_col = columns[spec.donor_key]
+        _nan_check(donor_col, ref_names, spec.donor_key, "donor_key", source, "donor id")
+        if donor_index is None:
+            donor_index = DonorIndex.from_values(donor_col.to_numpy(), source,
+                                                 f"obs['{spec.donor_key}']")
+        donor_codes = donor_index.encode(donor_col.to_numpy(), source, f"obs['{spec.donor_key}']")
+    elif donor_index is not None:
+        raise InputError(source, "donor_key", "a donor index is given but the spec has no donor key",
+                         "name the .obs column with the donor ids (donor_key= in Python, "
+                         "--donor-key on the CLI)")
 
     if covariate_categories is not None:
         given = set(covariate_categories)
@@ -731,7 +725,10 @@ def read_dataset(data, spec: DatasetSpec | dict, *, backed: bool = False,
         if matrix.shape[1] == 0:
             raise InputError(source, field, f"modality '{name}' has no features",
                              "give at least one feature, or drop the modality from the spec")
-        totals = _count_totals(matrix, source, check_sample, rng)
+        continuous = name in spec.continuous_modalities
+        totals = _value_totals(matrix, source, name, continuous, adata.obs_names, adata.var_names)
+        if continuous:
+            totals = np.ones_like(totals)
         zero = totals == 0
         if zero.any():
             ids = pd.Index(adata.obs_names)[zero]
@@ -756,8 +753,8 @@ def read_dataset(data, spec: DatasetSpec | dict, *, backed: bool = False,
         matrices[name] = matrix
         feature_names[name] = pd.Index(adata.var_names).copy()
 
-    counts = np.bincount(donor_codes, minlength=len(donor_index))
-    single = [donor_index.ids[k] for k in np.flatnonzero(counts == 1)]
+    counts = np.bincount(donor_codes, minlength=len(donor_index)) if donor_codes is not None else []
+    single = [donor_index.ids[k] for k in np.flatnonzero(np.asarray(counts) == 1)]
     if single:
         warnings.warn(
             f"{source}: field 'obs['{spec.donor_key}']': {len(single)} donor(s) have a single "

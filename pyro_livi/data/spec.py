@@ -1,4 +1,5 @@
-"""The dataset spec: which parts of an AnnData/MuData hold counts, donors, covariates, labels.
+"""The dataset spec: which parts of an AnnData/MuData hold each modality (raw counts or
+continuous values), donors, covariates, labels.
 
 The spec is plain data (a dict or a JSON file) validated against
 ``data_schemas/dataset_spec.schema.json``; every problem is an
@@ -61,24 +62,30 @@ class DatasetSpec:
     Attributes
     ----------
     modalities : dict[str, str | None]
-        Modality name -> layer holding raw counts (``None`` = ``.X``). For an AnnData the
-        single modality is conventionally ``"rna"``. The first modality is the reference
-        to whose cells every other modality is aligned.
-    donor_key : str
-        ``.obs`` column with the donor id of each cell.
+        Modality name -> layer holding its values (``None`` = ``.X``): raw counts, unless
+        the modality is listed in ``continuous_modalities``. For an AnnData the single
+        modality is conventionally ``"rna"``. The first modality is the reference to whose
+        cells every other modality is aligned.
+    donor_key : str | None
+        ``.obs`` column with the donor id of each cell; ``None`` for data without donors
+        (only models with donor factors need one).
     covariate_keys : list[str]
         Categorical covariates in ``.obs`` (per-feature offsets in the models).
     label_keys : list[str]
         ``.obs`` columns kept for evaluation (cell type, ...).
     optional_modalities : list[str]
         Modalities in which some cells may be absent (MuData only), e.g. ``["prot"]``.
+    continuous_modalities : list[str]
+        Modalities holding continuous values (log-normalised, CLR, TF-IDF) instead of raw
+        counts: checked to be finite, not to be integers; their size factors are 1.
     """
 
     modalities: dict[str, str | None]
-    donor_key: str
+    donor_key: str | None = None
     covariate_keys: list[str] = field(default_factory=list)
     label_keys: list[str] = field(default_factory=list)
     optional_modalities: list[str] = field(default_factory=list)
+    continuous_modalities: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         # Validate direct construction as strictly as from_dict (on the raw attributes).
@@ -88,23 +95,24 @@ class DatasetSpec:
             "covariate_keys": self.covariate_keys,
             "label_keys": self.label_keys,
             "optional_modalities": self.optional_modalities,
+            "continuous_modalities": self.continuous_modalities,
         }, "<spec>")
 
     @staticmethod
     def _validate(d, source: str) -> None:
         if not isinstance(d, dict):
             raise InputError(source, "<spec>", f"expected a JSON object, got {type(d).__name__}",
-                             "give a dict with at least 'modalities' and 'donor_key'")
+                             "give a dict with at least 'modalities'")
         validator = jsonschema.Draft202012Validator(dataset_spec_schema())
         best = jsonschema.exceptions.best_match(validator.iter_errors(d))
         if best is not None:
             raise _schema_error_to_input_error(best, source)
         modalities = list(d["modalities"])
-        for name in d.get("optional_modalities", []):
-            if name not in modalities:
-                raise InputError(source, "optional_modalities",
-                                 f"'{name}' is not one of the modalities {modalities}",
-                                 "list only names that are keys of 'modalities'")
+        for key in ("optional_modalities", "continuous_modalities"):
+            for name in d.get(key, []):
+                if name not in modalities:
+                    raise InputError(source, key, f"'{name}' is not one of the modalities {modalities}",
+                                     "list only names that are keys of 'modalities'")
         if d.get("optional_modalities") and modalities[0] in d["optional_modalities"]:
             raise InputError(source, "optional_modalities",
                              f"the first modality '{modalities[0]}' is the reference every "
@@ -120,10 +128,11 @@ class DatasetSpec:
         cls._validate(d, source)
         return cls(
             modalities=dict(d["modalities"]),
-            donor_key=d["donor_key"],
+            donor_key=d.get("donor_key"),
             covariate_keys=list(d.get("covariate_keys", [])),
             label_keys=list(d.get("label_keys", [])),
             optional_modalities=list(d.get("optional_modalities", [])),
+            continuous_modalities=list(d.get("continuous_modalities", [])),
         )
 
     @classmethod
@@ -148,4 +157,5 @@ class DatasetSpec:
             "covariate_keys": list(self.covariate_keys),
             "label_keys": list(self.label_keys),
             "optional_modalities": list(self.optional_modalities),
+            "continuous_modalities": list(self.continuous_modalities),
         }

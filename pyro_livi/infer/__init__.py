@@ -1,8 +1,8 @@
 """Training: the SVI loop, stages, checkpoints, early stopping, progress."""
 
 from .elbo import elbo_terms
-from .stages import EarlyStopping, Stage, livi_stages
+from .stages import EarlyStopping, Stage
 from .trainer import Trainer, TrainingConfig, TrainingDivergedError, seed_everything
 
-__all__ = ["elbo_terms", "EarlyStopping", "Stage", "livi_stages", "Trainer", "TrainingConfig",
+__all__ = ["elbo_terms", "EarlyStopping", "Stage", "Trainer", "TrainingConfig",
            "TrainingDivergedError", "seed_everything"]

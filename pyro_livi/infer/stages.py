@@ -35,6 +35,8 @@ class Stage:
     lr_decay: the learning rates fall geometrically to ``lr_decay`` times their start value
         over ``epochs`` (1.0 keeps them constant). A decaying rate lets point estimates
         settle instead of jittering at Adam's step size.
+    group_lr: learning rates of some parameter groups ({group: lr}); every other trained group
+        uses the training configuration's ``lr``.
     """
 
     name: str
@@ -43,44 +45,7 @@ class Stage:
     components: tuple[str, ...] = ()
     early_stopping: EarlyStopping | None = None
     lr_decay: float = 1.0
+    group_lr: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def livi_stages(
-    epochs_vae: int,
-    epochs: int,
-    *,
-    warmup_epochs_G: int = 0,
-    patience: int = 20,
-    min_delta: float = 1e-4,
-    factor_tol: float = 1e-3,
-    lr_decay: float = 0.1,
-    persistent_in_vae_stage: bool = False,
-) -> list[Stage]:
-    """The two-stage schedule of LIVI (DESIGN section 3).
-
-    1. ``vae``: encoder and cell-state decoder (with dispersions and covariate offsets) train;
-       the donor parts are absent (the paper), or, with ``persistent_in_vae_stage``, V and W_V
-       train jointly with the VAE. A VAE without V has no cheaper way to explain what every
-       cell of a donor shares than to write it into each cell's state, and the frozen cell
-       state then keeps it; with V present, a donor-level shift costs one point per donor
-       instead of a KL term per cell, and the cell state is left to the cells.
-    2. ``persistent``: VAE parts frozen; V and W_V train, for ``warmup_epochs_G`` epochs
-       (skipped when 0, as in the paper).
-    3. ``donor``: V, W_V, D, A and W_DxC train together for up to ``epochs`` epochs, with early
-       stopping that watches the donor factors and learning rates decaying to ``lr_decay``
-       times their start over ``epochs``.
-    """
-    stop = EarlyStopping(patience=patience, min_delta=min_delta, watch=("D_loc", "V_loc"),
-                         factor_tol=factor_tol)
-    joint = ("persistent",) if persistent_in_vae_stage else ()
-    stages = [Stage("vae", epochs_vae, train=("encoder", "cell_state") + joint, components=joint)]
-    if warmup_epochs_G > 0:
-        stages.append(Stage("persistent", warmup_epochs_G, train=("persistent",),
-                            components=("persistent",)))
-    stages.append(Stage("donor", epochs, train=("persistent", "interaction"),
-                        components=("persistent", "interaction"), early_stopping=stop,
-                        lr_decay=lr_decay))
-    return [s for s in stages if s.epochs > 0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,15 +36,12 @@ class TrainingDivergedError(RuntimeError):
 class TrainingConfig:
     """Settings of the training loop.
 
-    lr: Adam learning rate of every group without its own entry in ``group_lr``.
-    group_lr: per-group learning rates. The donor groups default to a larger rate: donor
-        embeddings get one update per minibatch from few cells each, and at the VAE's rate
-        they barely leave their initialisation (DESIGN section 3).
+    lr: Adam learning rate of every parameter group without its own rate in the stage
+        (:attr:`Stage.group_lr`).
     """
 
     batch_size: int = 1024
     lr: float = 8e-4
-    group_lr: dict = field(default_factory=lambda: {"persistent": 1e-2, "interaction": 1e-2})
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -63,6 +60,10 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+
+
+def _donor_dict(dataset) -> dict | None:
+    return None if dataset.donor_index is None else dataset.donor_index.to_dict()
 
 
 class Trainer:
@@ -108,7 +109,7 @@ class Trainer:
                 if not trainable:
                     self._frozen_names.append(self.model.pyro_param_name(pname))
             if trainable:
-                lr = self.config.group_lr.get(group, self.config.lr)
+                lr = stage.group_lr.get(group, self.config.lr)
                 param_groups.append({"params": list(params.values()), "lr": lr, "name": group})
         self._optimizer = torch.optim.Adam(param_groups)
         if self._pending_optimizer_state is not None:
@@ -260,7 +261,7 @@ class Trainer:
             "history": self.history,
             "stages": [s.to_dict() for s in self.stages],
             "training_config": asdict(self.config),
-            "donor_index": self.dataset.donor_index.to_dict(),
+            "donor_index": _donor_dict(self.dataset),
         }
         tmp = self.checkpoint_path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -274,7 +275,7 @@ class Trainer:
         if state["model_class"] != type(self.model).__name__ or state["model_config"] != self.model.config:
             raise ValueError(f"{path}: the checkpoint is of a {state['model_class']} with config "
                              f"{state['model_config']}, not of this model; use a fresh checkpoint directory")
-        if state["donor_index"] != self.dataset.donor_index.to_dict():
+        if state["donor_index"] != _donor_dict(self.dataset):
             raise ValueError(f"{path}: the checkpoint was trained on other donors than this dataset's")
         self.model.load_state_dict(state["model_state"])
         self._position = state["position"]

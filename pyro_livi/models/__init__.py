@@ -1,13 +1,24 @@
-"""The zoo's models, by name."""
+"""The zoo's models, by name: the one registry that the trainer, the CLI, evaluation and saving
+read. Adding a model is its file and one entry here."""
 
+from ._base import DataNeeds, Option, ZooModel
+from ._livi_family import livi_stages
 from .dmlivi import DMLIVI
 from .livi import LIVI
 from .multislivi import MultiSLIVI
+from .scvi import SCVI
 
-MODELS = {"livi": LIVI, "multislivi": MultiSLIVI, "dmlivi": DMLIVI}
+MODELS: dict[str, type[ZooModel]] = {
+    "livi": LIVI,
+    "multislivi": MultiSLIVI,
+    "dmlivi": DMLIVI,
+    "scvi": SCVI,
+}
+for _name, _cls in MODELS.items():
+    _cls.registry_name = _name
 
 
-def model_class(name: str):
+def model_class(name: str) -> type[ZooModel]:
     """The model class registered under ``name``."""
     try:
         return MODELS[name]
@@ -15,4 +26,5 @@ def model_class(name: str):
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}") from None
 
 
-__all__ = ["DMLIVI", "LIVI", "MODELS", "MultiSLIVI", "model_class"]
+__all__ = ["DataNeeds", "DMLIVI", "LIVI", "MODELS", "MultiSLIVI", "Option", "SCVI", "ZooModel",
+           "livi_stages", "model_class"]

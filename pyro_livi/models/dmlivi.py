@@ -48,6 +48,8 @@ from ..nn import GaussianEncoder
 from ..penalties import alignment_penalty, disentanglement_penalty
 from ..poe import product_of_experts
 from .livi import LINKS
+from ._base import DataNeeds, Option
+from ._livi_family import LIVI_OPTIONS, LIVI_OUTPUTS
 from .multislivi import MultimodalLIVIBase, _per_modality
 
 INTERACTION_INPUTS = ("shared", "shared_specific")
@@ -89,6 +91,26 @@ class DMLIVI(MultimodalLIVIBase):
         ([interaction_link(c); s^m] enters the interaction).
     align_weight, disent_weight : lambda_align, lambda_disent (per cell; 0 removes the site).
     """
+
+    summary = "multimodal LIVI with shared and modality-specific cell states; cells may lack a modality"
+    reference = "seed 001 (DMLIVI, eq. 12-18); seed 000"
+    data_needs = DataNeeds(modalities=(1, None), inputs="counts", donors="required", missing_modalities=True)
+    outputs = LIVI_OUTPUTS + ("specific_state",)
+    options = {
+        "n_shared": Option(15, "K_shared, dimension of the shared cell state c", type=int,
+                           flags=("--n-cell-state",)),
+        **LIVI_OPTIONS,
+        "protein_weight": Option(1.0, "weight lambda of every modality after the first (seed 001 uses 50 to "
+                                 "200; the first keeps 1)", type=float),
+        "link": Option("identity", "map of c into the decoders", choices=tuple(LINKS)),
+        "interaction_link": Option("softmax", "map of c into the interaction", choices=tuple(LINKS)),
+        "prior_expert": Option(True, "include the N(0, I) expert in the product of experts"),
+        "interaction_input": Option("shared", "what enters the interaction: c, or c and s^m",
+                                    choices=INTERACTION_INPUTS),
+        "align_weight": Option(1.0, "lambda_align, weight of the shared-encoder alignment (per cell)", type=float),
+        "disent_weight": Option(1.0, "lambda_disent, weight of the disentanglement penalty (per cell)",
+                                type=float),
+    }
 
     def __init__(
         self,

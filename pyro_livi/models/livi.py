@@ -31,7 +31,8 @@ from pyro.nn import PyroModule, PyroParam, pyro_method
 from ..data.batch import Batch
 from ..likelihoods import get_likelihood
 from ..nn import GaussianEncoder
-from ._base import DonorFactorsMixin, ZooModel
+from ._base import DataNeeds, Option, ZooModel
+from ._livi_family import LIVI_OPTIONS, DonorFactorsMixin
 
 LINKS = {
     "softmax": lambda c: torch.softmax(c, dim=-1),
@@ -58,6 +59,16 @@ class LIVI(DonorFactorsMixin, ZooModel):
     counts_sample : optional dense (n, G) count sample for data-driven likelihood initialisation.
     """
 
+    summary = "cell state, persistent donor effects and donor x cell-state interactions of one modality"
+    reference = "seed 001 (LIVI, eq. 2-4); PMBio/LIVI"
+    data_needs = DataNeeds(modalities=(1, 1), inputs="counts", donors="required")
+    options = {
+        "n_cell_state": Option(15, "K_C, dimension of the cell state c", type=int),
+        **LIVI_OPTIONS,
+        "encoder_hidden": Option((128,), "widths of the encoder's MLP blocks", type=int, nargs="+"),
+        "link": Option("softmax", "link of the cell-state decoder term", choices=tuple(LINKS)),
+        "batch_norm": Option(False, "BatchNorm over genes before the softmax (reference option)"),
+    }
     modalities = ("rna",)
     #: parameter-name prefix -> parameter group (what a training stage trains or freezes)
     param_groups = {
@@ -130,6 +141,17 @@ class LIVI(DonorFactorsMixin, ZooModel):
         self.bn = PyroModule[torch.nn.BatchNorm1d](n_genes) if batch_norm else None
         self.likelihoods = {"rna": get_likelihood(likelihood)}
         self._init_likelihood_params("rna", n_genes, n_cell_state, counts_sample)
+
+    @classmethod
+    def from_dataset(cls, dataset, *, likelihoods=None, counts_sample=None, **options) -> "LIVI":
+        """LIVI sized for ``dataset`` (one modality, its donors and covariate categories);
+        ``likelihoods`` ({modality: name}) sets ``likelihood``."""
+        (modality,) = dataset.modalities
+        if likelihoods and modality in likelihoods:
+            options["likelihood"] = likelihoods[modality]
+        n_cov = [len(c) for c in dataset.covariate_categories.values()]
+        return cls(dataset.n_features[modality], len(dataset.donor_index), n_covariate_categories=n_cov,
+                   counts_sample=(counts_sample or {}).get(modality), **options)
 
     # ----------------------------------------------------------------- pieces of eq. 2-3
     @property

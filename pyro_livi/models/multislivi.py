@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
@@ -36,10 +35,10 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam, pyro_method
 
 from ..data.batch import Batch
-from ..errors import InputError
 from ..likelihoods import get_likelihood
 from ..nn import GaussianEncoder
-from ._base import DonorFactorsMixin, ZooModel
+from ._base import DataNeeds, Option, ZooModel
+from ._livi_family import LIVI_OPTIONS, DonorFactorsMixin
 from .livi import LINKS
 
 
@@ -128,14 +127,19 @@ class MultimodalLIVIBase(DonorFactorsMixin, ZooModel):
             self._init_likelihood_params(m, g, n_cell_input[m], counts_sample.get(m))
 
     @classmethod
-    def from_dataset(cls, dataset, counts_sample=None, **options):
+    def from_dataset(cls, dataset, *, likelihoods=None, counts_sample=None, protein_weight=None, **options):
         """A model sized for ``dataset`` (its modalities, features, donors and covariate
-        categories). ``counts_sample``: {modality: (n, G_m) counts} for data-based likelihood
-        initialisation (e.g. the protein background of ``nb_mixture``)."""
+        categories). ``likelihoods``: {modality: name}; ``counts_sample``: {modality: (n, G_m)
+        counts} for data-based likelihood initialisation (e.g. the protein background of
+        ``nb_mixture``); ``protein_weight``: lambda of every modality after the first (unless
+        ``modality_weights`` is given)."""
         n_features = {m: dataset.n_features[m] for m in dataset.modalities}
         n_cov = [len(dataset.covariate_categories[k]) for k in dataset.covariate_categories]
+        if protein_weight is not None and "modality_weights" not in options:
+            options["modality_weights"] = {m: 1.0 if k == 0 else float(protein_weight)
+                                           for k, m in enumerate(n_features)}
         return cls(n_features, len(dataset.donor_index), n_covariate_categories=n_cov,
-                   counts_sample=counts_sample, **options)
+                   likelihoods=likelihoods, counts_sample=counts_sample, **options)
 
     # ------------------------------------------------------------------ pieces of the decoder
     @property
@@ -212,6 +216,18 @@ class MultiSLIVI(MultimodalLIVIBase):
     partially measured cells).
     """
 
+    summary = "multimodal LIVI with one shared cell state encoded from every modality"
+    reference = "seed 001 (MultiSLIVI, eq. 5-11); seed 000"
+    data_needs = DataNeeds(modalities=(1, None), inputs="counts", donors="required")
+    options = {
+        "n_cell_state": Option(15, "K_C, dimension of the shared cell state c", type=int),
+        **LIVI_OPTIONS,
+        "encoder_hidden": Option((128,), "widths of the encoder's MLP blocks", type=int, nargs="+"),
+        "protein_weight": Option(1.0, "weight lambda of every modality after the first (seed 001 uses 50 to "
+                                 "200; the first keeps 1)", type=float),
+        "link": Option("softmax", "link of the cell-state decoder term", choices=tuple(LINKS)),
+    }
+
     def __init__(
         self,
         n_features: Mapping[str, int],
@@ -247,19 +263,6 @@ class MultiSLIVI(MultimodalLIVIBase):
             donor_guide=donor_guide, l1_weight=dict(self.l1_weights), a_weight=self.a_weight,
         )
         self.encoder = GaussianEncoder(sum(self.n_features.values()), n_cell_state, encoder_hidden, encoder_input)
-
-    @classmethod
-    def from_dataset(cls, dataset, counts_sample=None, **options):
-        partial = [m for m in dataset.modalities if not np.all(dataset.present[m])]
-        if partial:
-            m = partial[0]
-            raise InputError(dataset.source, f"modalities['{m}']",
-                             f"{int((~dataset.present[m]).sum())} of {dataset.n_cells} cells lack modality '{m}'; "
-                             "MultiSLIVI encodes the concatenated counts of every modality and cannot "
-                             "tell a missing modality from zero counts",
-                             "fit model='dmlivi' (it embeds cells with a missing modality), or keep only "
-                             "the cells measured in every modality")
-        return super().from_dataset(dataset, counts_sample=counts_sample, **options)
 
     def _encoder_input(self, batch: Batch) -> torch.Tensor:
         """Counts of every modality side by side, (B, sum_m G_m) (eq. 5)."""
