@@ -1,27 +1,33 @@
-"""The training engine: stages and freezing, early stopping, checkpoints and resume, divergence."""
+"""The training engine on a toy model (no model family): stages and freezing, per-stage learning
+rates, early stopping, checkpoints and resume, divergence, data without donors."""
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from pyro_livi.data import DatasetSpec, read_dataset
-from pyro_livi.infer import (EarlyStopping, Stage, Trainer, TrainingConfig, TrainingDivergedError,
-                             seed_everything)
-from pyro_livi.models import LIVI, livi_stages
-from pyro_livi.simulate import SimulationConfig, simulate
+from pyro_livi.data import read_dataset
+from pyro_livi.infer import EarlyStopping, Stage, Trainer, TrainingConfig, TrainingDivergedError, seed_everything
+from toy_model import ToyModel
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    pass
 
 
 @pytest.fixture(scope="module")
 def data():
-    sim = simulate(SimulationConfig(n_donors=10, cells_per_donor=12, n_genes=30, n_snps=20), seed=5)
-    return read_dataset(sim.adata, DatasetSpec(modalities={"rna": None}, donor_key="donor"))
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(120, 2))
+    rate = np.exp(z @ rng.normal(size=(2, 20))) * 5
+    return read_dataset(ad.AnnData(rng.poisson(rate).astype(np.float32) + 1), {"modalities": {"rna": None}})
 
 
 def make_model(data, seed=0):
     seed_everything(seed)
-    return LIVI(data.n_features["rna"], len(data.donor_index), n_cell_state=4, n_dxc=3,
-                n_persistent=2, encoder_hidden=(16,))
+    return ToyModel(data.n_features["rna"])
 
 
 def config(**kw):
@@ -32,75 +38,79 @@ def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_stage_two_freezes_the_vae_parts(data):
+TWO_STAGES = [Stage("base", 3, train=("encoder", "decoder")),
+              Stage("offset", 4, train=("offset",), components=("offset",))]
+
+
+def test_a_stage_freezes_what_it_does_not_train(data):
     model = make_model(data)
-    trainer = Trainer(model, data, livi_stages(2, 0), config())
-    trainer.fit()
-    after_vae = snapshot(model)
-    trainer = Trainer(model, data, [Stage("donor", 3, train=("persistent", "interaction"),
-                                          components=("persistent", "interaction"))], config())
+    trainer = Trainer(model, data, TWO_STAGES[:1], config())
     history = trainer.fit()
+    assert "kl_tau" not in history.columns and data.donor_index is None
+    after_base = snapshot(model)
+    history = Trainer(model, data, TWO_STAGES[1:], config()).fit()
     after = snapshot(model)
     for name, value in after.items():
-        group = model.group_of(name)
-        if group in ("encoder", "cell_state"):
-            assert torch.equal(value, after_vae[name]), f"{name} changed while frozen"
+        if model.group_of(name) == "offset":
+            assert not torch.equal(value, after_base[name]), f"{name} did not train"
         else:
-            assert not torch.equal(value, after_vae[name]), f"{name} did not train"
-    assert {"kl_D", "kl_V", "penalty_l1_W_DxC", "penalty_A", "nll_obs_rna", "kl_c"} <= set(history.columns)
+            assert torch.equal(value, after_base[name]), f"{name} changed while frozen"
+    assert {"kl_tau", "kl_z", "nll_obs_rna"} <= set(history.columns)
     # after fit every part of the model is on again, and every parameter trainable
-    assert model.components == {"persistent", "interaction"}
-    assert all(p.requires_grad for p in model.parameters())
+    assert model.components == {"offset"} and all(p.requires_grad for p in model.parameters())
 
 
-def test_vae_stage_leaves_donor_parts_untouched(data):
+def test_a_component_that_is_off_leaves_its_parameters_untouched(data):
     model = make_model(data)
     before = snapshot(model)
-    history = Trainer(model, data, livi_stages(3, 0), config()).fit()
-    assert list(history["stage"]) == ["vae"] * 3
-    assert "kl_D" not in history.columns
-    for name in ("D_loc_unconstrained", "V_loc_unconstrained", "W_DxC_unconstrained", "A_logits_unconstrained"):
+    Trainer(model, data, [Stage("base", 2, train=("encoder", "decoder", "offset"))], config()).fit()
+    for name in ("u_unconstrained", "tau_loc_unconstrained", "tau_scale_unconstrained"):
         assert torch.equal(model.state_dict()[name], before[name])
 
 
-def test_persistent_factors_can_train_with_the_vae(data):
-    """persistent_in_vae_stage: V and W_V train in stage 1 with the VAE; D, A, W_DxC do not."""
+def test_stage_learning_rates_are_per_group(data):
     model = make_model(data)
     before = snapshot(model)
-    history = Trainer(model, data, livi_stages(3, 0, persistent_in_vae_stage=True), config()).fit()
-    assert list(history["stage"]) == ["vae"] * 3
-    assert "kl_V" in history.columns and "kl_D" not in history.columns
+    stage = Stage("base", 2, train=("encoder", "decoder"), group_lr={"decoder": 0.0})
+    Trainer(model, data, [stage], config(lr=1e-2)).fit()
     after = model.state_dict()
-    for name in ("V_loc_unconstrained", "W_V_unconstrained", "W_C_unconstrained"):
-        assert not torch.equal(after[name], before[name]), f"{name} did not train"
-    for name in ("D_loc_unconstrained", "W_DxC_unconstrained", "A_logits_unconstrained"):
-        assert torch.equal(after[name], before[name]), f"{name} changed"
+    assert torch.equal(after["W_unconstrained"], before["W_unconstrained"])  # rate 0
+    assert not torch.equal(after["encoder.weight"], before["encoder.weight"])  # the config's rate
+
+
+def test_models_without_groups_train_everything_in_group_all(data):
+    from pyro_livi.models import SCVI
+
+    model = SCVI(data.n_features["rna"], n_latent=2, n_hidden=8)
+    assert set(model.parameters_by_group()) == {"all"}
+    before = snapshot(model)
+    history = Trainer(model, data, SCVI.default_stages(epochs=2, patience=None), config()).fit()
+    assert list(history["stage"]) == ["train", "train"]
+    assert not torch.equal(model.state_dict()["rho_head.weight"], before["rho_head.weight"])
 
 
 def test_history_records_each_site_per_cell(data):
-    model = make_model(data)
-    history = Trainer(model, data, livi_stages(2, 2), config()).fit()
+    history = Trainer(make_model(data), data, TWO_STAGES, config()).fit()
     terms = [c for c in history.columns if c.startswith(("nll_", "kl_", "penalty_"))]
     assert np.allclose(history[terms].sum(axis=1, skipna=True), history["loss"])
-    assert list(history["epoch"]) == [0, 1, 2, 3]
+    assert list(history["epoch"]) == list(range(7)) and list(history["stage"]) == ["base"] * 3 + ["offset"] * 4
 
 
 def _train(data, tmp_path, stop_after=None, resume=False):
     model = make_model(data, seed=123)
-    stages = livi_stages(3, 4, patience=50)
     callbacks = []
     if stop_after is not None:
         def interrupt(trainer, record):
             if record["epoch"] + 1 == stop_after:
                 raise KeyboardInterrupt
         callbacks.append(interrupt)
-    trainer = Trainer(model, data, stages, config(seed=7), checkpoint_dir=tmp_path, callbacks=callbacks)
+    trainer = Trainer(model, data, TWO_STAGES, config(seed=7), checkpoint_dir=tmp_path, callbacks=callbacks)
     return model, trainer.fit(resume=resume)
 
 
 @pytest.mark.parametrize("stop_after", [2, 3, 5])
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(data, tmp_path, stop_after):
-    """Interrupt inside the VAE stage, at the stage boundary, and inside the donor stage."""
+    """Interrupt inside the first stage, at the stage boundary, and inside the second."""
     reference, ref_history = _train(data, tmp_path / "ref")
     with pytest.raises(KeyboardInterrupt):
         _train(data, tmp_path / "cut", stop_after=stop_after)
@@ -112,9 +122,9 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(data, tmp_path, st
 
 def test_resume_refuses_another_models_checkpoint(data, tmp_path):
     _train(data, tmp_path)
-    other = LIVI(data.n_features["rna"], len(data.donor_index), n_cell_state=6, n_dxc=3, n_persistent=2)
+    other = ToyModel(data.n_features["rna"], n_latent=3)
     with pytest.raises(ValueError, match="fresh checkpoint directory"):
-        Trainer(other, data, livi_stages(1, 1), config(), checkpoint_dir=tmp_path).fit(resume=True)
+        Trainer(other, data, TWO_STAGES, config(), checkpoint_dir=tmp_path).fit(resume=True)
 
 
 def test_divergence_names_the_epoch_and_the_last_checkpoint(data, tmp_path):
@@ -123,31 +133,29 @@ def test_divergence_names_the_epoch_and_the_last_checkpoint(data, tmp_path):
     def poison(trainer, record):
         if record["epoch"] == 1:
             with torch.no_grad():
-                trainer.model.W_C_unconstrained.fill_(float("nan"))
+                trainer.model.W_unconstrained.fill_(float("nan"))
 
-    trainer = Trainer(model, data, livi_stages(4, 0), config(), checkpoint_dir=tmp_path, callbacks=[poison])
+    trainer = Trainer(model, data, TWO_STAGES[:1], config(), checkpoint_dir=tmp_path, callbacks=[poison])
     with pytest.raises(TrainingDivergedError, match=r"epoch 2.*checkpoint\.pt"):
         trainer.fit()
 
 
-def test_early_stopping_waits_for_the_donor_factors(data):
-    """A stage whose loss is flat stops after `patience` epochs only once the factors settle."""
+def test_early_stopping_waits_for_the_watched_parameters(data):
+    """A stage whose loss never improves stops after `patience` epochs only once the watched
+    parameters settle."""
     model = make_model(data)
-    Trainer(model, data, livi_stages(2, 0), config()).fit()
-    stop = EarlyStopping(patience=2, min_delta=1.0, watch=("D_loc", "V_loc"), factor_tol=1e9)
-    stage = Stage("donor", 30, train=("persistent", "interaction"), components=("persistent", "interaction"),
-                  early_stopping=stop)
+    stop = EarlyStopping(patience=2, min_delta=1.0, watch=("u", "tau_loc"), factor_tol=1e9)
+    stage = Stage("offset", 30, train=("offset",), components=("offset",), early_stopping=stop)
     history = Trainer(model, data, [stage], config()).fit()
     assert len(history) == 3  # min_delta=1 (100%) never counts as improving after the first epoch
-    stop_strict = EarlyStopping(patience=2, min_delta=1.0, watch=("D_loc",), factor_tol=0.0)
-    stage.early_stopping = stop_strict
+    stage.early_stopping = EarlyStopping(patience=2, min_delta=1.0, watch=("u",), factor_tol=0.0)
     history = Trainer(model, data, [stage], config()).fit()
-    assert len(history) == 30  # factors never settle below a zero tolerance
+    assert len(history) == 30  # the watched parameters never settle below a zero tolerance
 
 
 def test_unknown_group_or_component_is_reported(data):
     model = make_model(data)
     with pytest.raises(ValueError, match="unknown parameter groups"):
-        Trainer(model, data, [Stage("x", 1, train=("decoder",))], config()).fit()
+        Trainer(model, data, [Stage("x", 1, train=("cell_state",))], config()).fit()
     with pytest.raises(ValueError, match="no components"):
         Trainer(model, data, [Stage("x", 1, train=("encoder",), components=("batch",))], config()).fit()

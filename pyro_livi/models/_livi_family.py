@@ -132,6 +132,15 @@ class DonorFactorsMixin(LIVIFamily):
             return dist.Delta(loc).to_event(1)
         return dist.Normal(loc, getattr(self, f"{name}_scale")).to_event(1)
 
+    def _interaction_penalties(self, n_cells: int, l1_terms: dict) -> None:
+        """The penalties of LIVI's eq. 4 as factor sites, in per-cell units (times ``n_cells``):
+        ``l1_terms`` {site name: (W_DxC, lambda_DxC)} give lambda_DxC sum |W_DxC| each, and
+        ``penalty_A`` is lambda_A sum (A (1 - A))^2."""
+        for site, (W, weight) in l1_terms.items():
+            pyro.factor(site, -n_cells * weight * W.abs().sum())
+        A = self.A
+        pyro.factor("penalty_A", -n_cells * self.a_weight * ((A * (1 - A)) ** 2).sum())
+
     def donor_factors(self) -> dict[str, torch.Tensor]:
         """Posterior means of the donor factors: {"D": (N_y, K_DxC), "V": (N_y, K_V)}."""
         return {"D": self.D_loc.detach(), "V": self.V_loc.detach()}

@@ -182,9 +182,7 @@ class LIVI(DonorFactorsMixin, ZooModel):
             mean = torch.softmax(self._logits(c, batch, D, V), dim=-1) * batch.size_factor["rna"][:, None]
             self._observe("rna", mean, self.link(c), batch, observed)
         if D is not None:
-            A = self.A
-            pyro.factor("penalty_l1_W_DxC", -batch.n_cells * self.l1_weight * self.W_DxC.abs().sum())
-            pyro.factor("penalty_A", -batch.n_cells * self.a_weight * ((A * (1 - A)) ** 2).sum())
+            self._interaction_penalties(batch.n_cells, {"penalty_l1_W_DxC": (self.W_DxC, self.l1_weight)})
 
     @pyro_method
     def guide(self, batch: Batch, observed: bool = True):

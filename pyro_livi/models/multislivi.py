@@ -172,11 +172,9 @@ class MultimodalLIVIBase(DonorFactorsMixin, ZooModel):
     # -------------------------------------------------------------------------- donor parts
     def _decoder_penalties(self, batch: Batch) -> None:
         """Per-modality L1 on W_DxC^m and the A penalty, in per-cell units (times n_cells)."""
-        for m in self.modalities:
-            W = getattr(self, f"W_DxC__{m}")
-            pyro.factor(f"penalty_l1_W_DxC_{m}", -batch.n_cells * self.l1_weights[m] * W.abs().sum())
-        A = self.A
-        pyro.factor("penalty_A", -batch.n_cells * self.a_weight * ((A * (1 - A)) ** 2).sum())
+        self._interaction_penalties(batch.n_cells, {f"penalty_l1_W_DxC_{m}": (getattr(self, f"W_DxC__{m}"),
+                                                                             self.l1_weights[m])
+                                                    for m in self.modalities})
 
     # ------------------------------------------------------------------- posterior summaries
     def loadings(self) -> dict[str, torch.Tensor]:
