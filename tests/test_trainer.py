@@ -159,3 +159,20 @@ def test_unknown_group_or_component_is_reported(data):
         Trainer(model, data, [Stage("x", 1, train=("cell_state",))], config()).fit()
     with pytest.raises(ValueError, match="no components"):
         Trainer(model, data, [Stage("x", 1, train=("encoder",), components=("batch",))], config()).fit()
+
+
+def test_kl_warmup_scales_the_kl_terms_of_a_stage(data):
+    from pyro_livi.infer import KLWarmup
+
+    warm = KLWarmup(steps=8)
+    assert [warm.weight(s, 0) for s in (0, 4, 8, 20)] == [0.0, 0.5, 1.0, 1.0]
+    assert KLWarmup(epochs=4, beta_min=0.5, beta_max=2.0).weight(0, 2) == pytest.approx(1.25)
+    with pytest.raises(ValueError, match="exactly one"):
+        KLWarmup()
+    plain = Trainer(make_model(data), data, [Stage("base", 3, train=("encoder", "decoder"))], config()).fit()
+    stage = Stage("base", 3, train=("encoder", "decoder"), kl_warmup=KLWarmup(epochs=2))
+    warmed = Trainer(make_model(data), data, [stage], config()).fit()
+    assert list(warmed["beta"]) == [0.0, 0.5, 1.0]
+    assert warmed["kl_z"].iloc[0] == 0.0 and plain["kl_z"].iloc[0] > 0
+    terms = [c for c in warmed.columns if c.startswith(("nll_", "kl_"))]
+    assert np.allclose(warmed[terms].sum(axis=1), warmed["loss"])

@@ -22,6 +22,31 @@ class EarlyStopping:
 
 
 @dataclass
+class KLWarmup:
+    """KL annealing: the weight of every ``kl_*`` term of the loss rises linearly from
+    ``beta_min`` to ``beta_max`` over the first ``steps`` optimiser steps of a stage (totalVI:
+    0.75 x n_cells steps) or its first ``epochs`` epochs (seed 004, eq. 3.36), then stays at
+    ``beta_max``. Give exactly one of ``steps`` and ``epochs``."""
+
+    steps: int | None = None
+    epochs: int | None = None
+    beta_min: float = 0.0
+    beta_max: float = 1.0
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("KLWarmup: give exactly one of steps and epochs")
+        if (self.steps or self.epochs) < 1:
+            raise ValueError("KLWarmup: steps or epochs must be >= 1")
+
+    def weight(self, step: int, epoch: int) -> float:
+        """The KL weight at optimiser step ``step`` of epoch ``epoch`` (both counted from 0
+        within the stage)."""
+        progress = step / self.steps if self.steps is not None else epoch / self.epochs
+        return self.beta_min + (self.beta_max - self.beta_min) * min(1.0, progress)
+
+
+@dataclass
 class Stage:
     """One stage of training.
 
@@ -37,6 +62,7 @@ class Stage:
         settle instead of jittering at Adam's step size.
     group_lr: learning rates of some parameter groups ({group: lr}); every other trained group
         uses the training configuration's ``lr``.
+    kl_warmup: optional :class:`KLWarmup` of the KL terms in this stage.
     """
 
     name: str
@@ -46,6 +72,7 @@ class Stage:
     early_stopping: EarlyStopping | None = None
     lr_decay: float = 1.0
     group_lr: dict = field(default_factory=dict)
+    kl_warmup: KLWarmup | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -206,8 +206,14 @@ class Trainer:
         start = time.perf_counter()
         for batch in loader:
             batch = batch.to(device)
+            kl_weight = 1.0
+            if stage.kl_warmup is not None:
+                epoch = self._position["epoch_in_stage"]
+                kl_weight = stage.kl_warmup.weight(epoch * len(loader) + n_batches, epoch)
             try:
                 terms = elbo_terms(self.stage_model, self.stage_guide, batch)
+                if kl_weight != 1.0:
+                    terms = {k: v * kl_weight if k.startswith("kl_") else v for k, v in terms.items()}
             except ValueError as err:  # distribution argument checks reject non-finite parameters
                 bad = [k for k, p in self.model.named_parameters() if not torch.isfinite(p).all()]
                 if bad:
@@ -226,8 +232,9 @@ class Trainer:
         elapsed = time.perf_counter() - start
         # each minibatch's terms estimate the full-data sum; report per-cell means
         per_cell = {k: v / n_batches / n_cells for k, v in sums.items()}
+        warmup = {"beta": kl_weight} if stage.kl_warmup is not None else {}  # KL weight, last step
         return {"stage": stage.name, "epoch": self._position["epoch"],
-                "loss": sum(per_cell.values()), **per_cell,
+                "loss": sum(per_cell.values()), **per_cell, **warmup,
                 "cells_per_s": n_cells / elapsed}
 
     def _diverged(self, stage: Stage, n_batches: int, what: str) -> TrainingDivergedError:
