@@ -31,7 +31,7 @@ try:  # MuData is optional at import time only; it is a declared dependency.
 except ImportError:  # pragma: no cover
     md = None
 
-#: Stored values read at a time from a backed file when computing size factors.
+#: Stored values read at a time when checking every value and computing size factors.
 BACKED_CHUNK_VALUES = 4_000_000
 
 
@@ -126,12 +126,6 @@ class _CountMatrix:
         if group is not None and "data" in group:
             return int(group["data"].shape[0])
         return self.shape[0] * self.shape[1]
-
-    def stored_values(self, block) -> np.ndarray:
-        """The stored values of a block as a 1-D array (no copy for CSR / contiguous)."""
-        if sp.issparse(block):
-            return block.data
-        return np.asarray(block).reshape(-1)
 
     def n_stored(self) -> int:
         if self.kind == "csr":
