@@ -11,7 +11,7 @@ import importlib
 import inspect
 import sys
 
-from .errors import InputError
+from .errors import InputError, TrainingDivergedError
 
 #: Subcommand modules, in the order ``pyro-livi --help`` lists them.
 COMMAND_MODULES = (
@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "associate",
     "demo",
     "evaluate",
+    "compare",
     "preprocess",
 )
 
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

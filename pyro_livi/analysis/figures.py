@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_umap", "plot_probe_bars", "plot_ppc_features", "plot_ppc_statistics"]
+__all__ = ["plot_umap", "plot_umap_grid", "plot_probe_bars", "plot_ppc_features", "plot_ppc_statistics"]
 
 
 def _figure(nrows: int, ncols: int, figsize) -> tuple[Figure, np.ndarray]:
@@ -65,6 +65,30 @@ def plot_umap(latent, obs: pd.DataFrame, path, *, graph=None, n_neighbors: int =
                    title=f"{title}: {column}" if title else column, frameon=False, palette=palette)
     _save(fig, path)
     return np.asarray(adata.obsm["X_umap"])
+
+
+def plot_umap_grid(latents: dict, labels, path, *, label_name: str = "label", n_neighbors: int = 15,
+                   seed: int = 0) -> Path:
+    """One UMAP panel per latent ({name: (n_cells, K) array}), every panel coloured by the same
+    ``labels`` (n_cells,); writes the PNG."""
+    import scanpy as sc
+
+    from .graph_metrics import knn_graph
+
+    ncols = min(3, len(latents))
+    nrows = -(-len(latents) // ncols)
+    fig, axes = _figure(nrows, ncols, (5.0 * ncols, 4.3 * nrows))
+    colours = pd.Categorical(np.asarray(labels).astype(str))
+    for ax, (name, latent) in zip(axes.ravel(), latents.items()):
+        adata = knn_graph(latent, n_neighbors=n_neighbors, seed=seed)
+        sc.tl.umap(adata, random_state=seed)
+        adata.obs[label_name] = colours
+        sc.pl.umap(adata, color=label_name, ax=ax, show=False, legend_loc="on data", legend_fontsize=6,
+                   title=name, frameon=False)
+    for ax in axes.ravel()[len(latents):]:
+        ax.set_axis_off()
+    _save(fig, path)
+    return Path(path)
 
 
 def plot_probe_bars(table: pd.DataFrame, path, *, metric: str = "accuracy") -> Path:

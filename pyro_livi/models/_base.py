@@ -33,12 +33,24 @@ class DataNeeds:
         (normalised values) or ``"any"``.
     donors : ``"required"`` (donor factors need a donor key), ``"optional"`` or ``"unused"``.
     missing_modalities : whether cells may lack a modality other than the first.
+    preferred_inputs : for ``inputs="any"``, what each modality is best given, by position
+        (``"counts"`` or ``"continuous"``; the last entry serves the remaining modalities),
+        e.g. ``("counts", "continuous")`` for raw RNA counts and CLR proteins. Used by
+        ``pyro-livi compare``; empty: raw counts.
     """
 
     modalities: tuple[int, int | None] = (1, 1)
     inputs: str = "counts"
     donors: str = "unused"
     missing_modalities: bool = False
+    preferred_inputs: tuple[str, ...] = ()
+
+    def input_kinds(self, modalities) -> dict[str, str]:
+        """{modality: "counts" or "continuous"}: what each of ``modalities`` should be given."""
+        if self.inputs != "any":
+            return {m: self.inputs for m in modalities}
+        prefs = self.preferred_inputs or ("counts",)
+        return {m: prefs[min(k, len(prefs) - 1)] for k, m in enumerate(modalities)}
 
     def describe(self) -> str:
         """One line, e.g. ``"1 modality, raw counts, no donors"``."""
