@@ -119,7 +119,9 @@ def direct_glimix(y, C, K, G):
 def test_equals_direct_glimix_core(n_cov):
     geno, F, cov, K = make_data(n_cov=max(n_cov, 1))
     covariates = cov if n_cov else None
-    res, rep = associate_factors(F, geno, kinship=K, covariates=covariates, progress=False)
+    res, rep = associate_factors(F, geno, kinship=K, covariates=covariates,
+                                 pvalue_method="lrt", progress=False)
+    assert rep["pvalue_method"]["used"] == "lrt"
     assert rep["kinship"]["intercept_null_space_directions_given_variance"] == 1
     tested = res["snp"].unique()
     cols = [geno.snps["snp"].tolist().index(s) for s in tested]
@@ -163,11 +165,20 @@ def test_centred_identity_kinship_equals_ols():
     n = geno.n_donors
     Kc = np.eye(n) - np.ones((n, n)) / n
     K = pd.DataFrame(Kc, index=geno.donors, columns=geno.donors)
-    res, _ = associate_factors(F, geno, kinship=K, covariates=cov, maf=0.0, progress=False)
+    res, _ = associate_factors(F, geno, kinship=K, covariates=cov, maf=0.0,
+                               pvalue_method="lrt", progress=False)
+    # the exact small-sample test: statsmodels' OLS t-test (= F-test) of the SNP
+    res_f, rep_f = associate_factors(F, geno, kinship=K, covariates=cov, maf=0.0,
+                                     progress=False)
+    assert rep_f["pvalue_method"]["used"] == "f"            # 50 donors: auto -> F
+    res_i, _ = associate_factors(F, geno, kinship="identity", covariates=cov, maf=0.0,
+                                 progress=False)
     X0 = sm.add_constant(cov.to_numpy())
     for factor in F.columns:
         y = F[factor].to_numpy()
         got = res[res["factor"] == factor].set_index("snp")
+        got_f = res_f[res_f["factor"] == factor].set_index("snp")
+        got_i = res_i[res_i["factor"] == factor].set_index("snp")
         f0 = sm.OLS(y, X0).fit()
         for j, snp in enumerate(geno.snps["snp"]):
             if snp not in got.index:
@@ -176,6 +187,11 @@ def test_centred_identity_kinship_equals_ols():
             p = stats.chi2(1).sf(2 * (f1.llf - f0.llf))
             assert got.loc[snp, "pvalue"] == pytest.approx(p, rel=1e-7, abs=1e-10)
             assert got.loc[snp, "beta"] == pytest.approx(f1.params[-1], rel=1e-7)
+            for g in (got_f, got_i):
+                assert g.loc[snp, "pvalue"] == pytest.approx(f1.pvalues[-1], rel=1e-6,
+                                                             abs=1e-12)
+                assert g.loc[snp, "beta"] == pytest.approx(f1.params[-1], rel=1e-7)
+                assert g.loc[snp, "se"] == pytest.approx(f1.bse[-1], rel=1e-6)
 
 
 def test_centred_kinship_likelihood_bounded_with_intercept_variance():
@@ -228,14 +244,17 @@ def test_inverse_normal_on_analysed_donors():
 
 def test_computed_kinship_chunks_and_disk(tmp_path):
     geno, F, cov, _ = make_data(chroms=("1", "2"))
-    res, rep = associate_factors(F, geno, covariates=cov, chunk_size=1000, progress=False)
+    # loco=False: the all-SNP kinship (the default on two chromosomes is LOCO)
+    res, rep = associate_factors(F, geno, covariates=cov, chunk_size=1000, loco=False,
+                                 progress=False)
     q, _ = quality_control(geno)
     K = pd.DataFrame(kinship_from_genotypes(q.dosages), index=geno.donors,
                      columns=geno.donors)
     res_k, _ = associate_factors(F, geno, kinship=K, covariates=cov, progress=False)
     pd.testing.assert_frame_equal(res, res_k, check_exact=False, rtol=1e-8)
     assert rep["kinship"]["n_snps_used"] == rep["snp_qc"]["n_snps_kept"]
-    res_c, _ = associate_factors(F, geno, covariates=cov, chunk_size=7, progress=False)
+    res_c, _ = associate_factors(F, geno, covariates=cov, chunk_size=7, loco=False,
+                                 progress=False)
     pd.testing.assert_frame_equal(res, res_c, check_exact=False, rtol=1e-8)
     props = {"iid": geno.donors, "sid": geno.snps["snp"].tolist(),
              "chromosome": geno.snps["chrom"].tolist(),
@@ -243,7 +262,7 @@ def test_computed_kinship_chunks_and_disk(tmp_path):
     to_bed(tmp_path / "g.bed", geno.dosages.astype(np.float32), properties=props)
     with PlinkReader(tmp_path / "g") as reader:
         res_d, _ = associate_factors(F, reader, covariates=cov, chunk_size=11,
-                                     progress=False)
+                                     loco=False, progress=False)
     pd.testing.assert_frame_equal(res, res_d, check_exact=False, rtol=1e-8)
 
 

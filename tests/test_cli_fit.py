@@ -16,7 +16,7 @@ RUN_FILES = ["model.pt", "D.tsv", "V.tsv", "A.tsv", "cell_state.tsv", "history.t
 def test_simulate_fit_associate(tmp_path):
     sim = tmp_path / "sim"
     assert main(["simulate", "--out", str(sim), "--seed", "2", "--n-donors", "20", "--cells-per-donor", "8",
-                 "--n-genes", "40", "--n-snps", "30"]) == 0
+                 "--n-genes", "40", "--n-snps", "60"]) == 0
     run = tmp_path / "run"
     assert main(["fit", "--data", str(sim / "expression.h5ad"), "--donor-key", "donor", "--epochs-vae", "2",
                  "--epochs", "2", "--n-cell-state", "4", "--n-dxc", "3", "--n-persistent", "2",

@@ -74,8 +74,8 @@ def read_run_factors(run_dir, which: Literal["D", "V", "all"] = "all"
     if which not in ("D", "V", "all"):
         raise InputError(run_dir, "factors", f"unknown choice {which!r}", "use D, V or all")
     if not run_dir.is_dir():
-        raise InputError(run_dir, "run_dir", "not a directory", "pass the run directory "
-                         "holding D.tsv / V.tsv")
+        raise InputError(run_dir, "--run", "not a directory", "pass the run directory "
+                         "holding D.tsv / V.tsv (run_dir in Python)")
     names = ["D", "V"] if which == "all" else [which]
     paths = [run_dir / FACTOR_FILES[k] for k in names]
     present = [p for p in paths if p.exists()]
@@ -83,8 +83,13 @@ def read_run_factors(run_dir, which: Literal["D", "V", "all"] = "all"
         raise InputError(paths[0], "factors", "file not found", f"the run directory has no "
                          f"{paths[0].name}; choose --factors from what it holds")
     if not present:
-        raise InputError(run_dir, "factors", "neither D.tsv nor V.tsv found", "pass a run "
-                         "directory written by `pyro-livi fit`")
+        held = sorted(p.name for p in run_dir.iterdir())[:8]
+        raise InputError(run_dir, "--run", f"the run directory has no donor factor tables "
+                         f"(neither D.tsv nor V.tsv; it holds {held}): only donor models "
+                         "have donor factors to test against genotypes", "pass (--run; "
+                         "run_dir in Python) the run directory of a donor model: LIVI, "
+                         "MultiSLIVI or DMLIVI (`pyro-livi fit --model livi`, "
+                         "`multislivi` or `dmlivi`)")
     tables = [read_factor_table(p) for p in present]
     if len(tables) == 2:
         a, b = tables
@@ -152,7 +157,8 @@ def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
                   dosage_orientation: str | None = None, duplicate_snps: str = "error",
                   kinship=None, covariates=None, fdr: float = 0.05, fdr_method: str = "bh",
                   factors: Literal["D", "V", "all"] = "all", inverse_normal: bool = False,
-                  maf: float = 0.05, loco: bool = False, chunk_size: int = 5000,
+                  maf: float = 0.05, loco: bool | None = None, chunk_size: int = 5000,
+                  pvalue_method: str = "auto", allow_partial_donor_match: bool = False,
                   progress: bool = True, plots: bool = True) -> tuple[pd.DataFrame, dict]:
     """Test a run's donor factors against genotypes and write results, plots and report.
 
@@ -165,8 +171,11 @@ def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
         ``.bim``), or a dosage table (``dosage_orientation`` required).
     out : path
         Results TSV; plots and report are written beside it (:func:`output_paths`).
-    kinship, covariates : path, optional
-        Donor x donor kinship table; donor covariate table (numeric columns).
+    kinship : path or "identity", optional
+        Donor x donor kinship table, or ``"identity"`` for unrelated donors; default
+        computed from the genotypes.
+    covariates : path, optional
+        Donor covariate table (numeric columns).
     Other options: see :func:`~pyro_livi.analysis.association.associate_factors`.
 
     Returns the results table and the report (also written as JSON).
@@ -186,12 +195,14 @@ def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
         geno = open_genotypes(genotypes, variant_count=variant_count,
                               duplicate_snps=duplicate_snps, orientation=dosage_orientation)
     try:
-        K = read_kinship(kinship) if kinship is not None else None
+        K = (read_kinship(kinship) if kinship is not None and str(kinship) != "identity"
+             else kinship)
         C = read_covariates(covariates) if covariates is not None else None
         results, report = associate_factors(
             table, geno, kinship=K, covariates=C, inverse_normal=inverse_normal, fdr=fdr,
             fdr_method=fdr_method, chunk_size=chunk_size, maf=maf, loco=loco,
-            progress=progress)
+            pvalue_method=pvalue_method,
+            allow_partial_donor_match=allow_partial_donor_match, progress=progress)
         snps = geno.snps
         reader_report = dict(geno.report)
     finally:
@@ -204,6 +215,8 @@ def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
                    else str(covariates)},
         "options": {"fdr": fdr, "fdr_method": fdr_method, "factors": factors,
                     "inverse_normal": inverse_normal, "maf": maf, "loco": loco,
+                    "pvalue_method": pvalue_method,
+                    "allow_partial_donor_match": allow_partial_donor_match,
                     "variant_count": variant_count, "dosage_orientation": dosage_orientation,
                     "duplicate_snps": duplicate_snps, "chunk_size": chunk_size},
         "genotype_reader": reader_report,

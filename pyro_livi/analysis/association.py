@@ -31,6 +31,23 @@ How this differs from calling ``scanner.fast_scan`` directly (each checked in
 Multiple testing is done over all factor x SNP pairs together: Benjamini-Hochberg
 (default) or Storey q-values. A pair is significant when its adjusted p-value is
 below ``fdr``.
+
+Reliability rules (issue 11; each one is tested in ``tests/test_association_reliability.py``):
+
+- p-values: the ML likelihood-ratio statistic is about ``n / df`` times the exact F
+  statistic near the null (``df = n - rank(M) - 1``), so its genomic inflation is about
+  ``n / df`` (5.3 at 40 donors with 30 PCs, 1.2 with 5 PCs, 1.05 with none) and its
+  tail worse. ``pvalue_method="auto"`` uses it only when ``df >= 50 (rank(M) + 1)``
+  and the exact F-test of the same fit otherwise, and for any factor whose null model
+  is degenerate (residual variance ~ 0). Fewer than ``MIN_DONORS`` (10) donors or
+  ``MIN_RESIDUAL_DF`` (5) residual degrees of freedom are refused.
+- donors: ids are matched exactly as text; ids that differ only by formatting or a
+  match of less than half the smaller donor set are refused unless
+  ``allow_partial_donor_match`` (:func:`~pyro_livi.data.genotypes.compare_donor_ids`).
+- kinship: leave-one-chromosome-out by default when every SNP has a chromosome and
+  there are at least two; a computed kinship needs ``MIN_KINSHIP_SNPS`` (20) SNPs not
+  tested with it, or ``max(50, n_donors)`` SNPs when the tested SNPs are part of it
+  (proximal contamination); ``kinship="identity"`` for unrelated donors.
 """
 
 from __future__ import annotations
@@ -47,7 +64,9 @@ from scipy import stats
 
 from pyro_livi.data.genotypes import (
     Genotypes,
+    MIN_MATCH_FRACTION,
     PlinkReader,
+    compare_donor_ids,
     match_donors,
     merge_qc_counts,
     open_genotypes,
@@ -59,6 +78,24 @@ from pyro_livi.errors import InputError
 #: Columns of the results table, in order (``data_schemas/association_results.schema.json``).
 RESULT_COLUMNS = ["factor", "snp", "beta", "se", "pvalue", "padj", "significant"]
 FDR_METHODS = ("bh", "storey")
+PVALUE_METHODS = ("auto", "lrt", "f")
+#: ``pvalue_method="auto"`` uses the asymptotic likelihood-ratio test only when the
+#: residual degrees of freedom ``df = n - rank(M) - 1`` are at least this many times
+#: the number of fixed effects of the alternative model (``rank(M) + 1``), i.e. when
+#: ``n / df <= 1.02``; otherwise the exact F-test. See :func:`choose_pvalue_method`.
+LRT_DF_PER_PARAMETER = 50
+#: Fewest donors / residual degrees of freedom the association accepts.
+MIN_DONORS = 10
+MIN_RESIDUAL_DF = 5
+#: A computed kinship needs at least this many QC'd SNPs that are not tested with it
+#: (leave-one-chromosome-out) ...
+MIN_KINSHIP_SNPS = 20
+#: ... and, when the tested SNPs are part of it (all-SNP kinship), at least
+#: ``max(MIN_ALL_SNP_KINSHIP_SNPS, n_donors)``.
+MIN_ALL_SNP_KINSHIP_SNPS = 50
+#: A null model whose residual variance is below this fraction of the total variance
+#: is degenerate (all variance on the kinship).
+DEGENERATE_RESIDUAL_FRACTION = 1e-4
 #: Lambda grid of Storey's pi0 estimator (as in the qvalue R package).
 STOREY_LAMBDAS = np.round(np.arange(1, 20) * 0.05, 2)
 
@@ -358,6 +395,11 @@ class NullModel:
     A_pinv: np.ndarray
     a: np.ndarray
     bstar0: float
+    #: residual degrees of freedom of the alternative model, ``n_eff - rank(M) - 1``
+    #: (``n_eff = n``, or the rank of the kinship when the residual variance is 0)
+    df_resid: int = 0
+    #: residual variance < DEGENERATE_RESIDUAL_FRACTION of the total (all on the kinship)
+    degenerate: bool = False
 
     @property
     def n(self) -> int:
@@ -417,11 +459,16 @@ def fit_null_model(y: np.ndarray, M: np.ndarray, basis: "KinshipBasis",
     A_pinv = np.linalg.pinv((A + A.T) / 2.0, hermitian=True)
     bstar0 = max(float(yTBy - a @ A_pinv @ a), epsilon.tiny)
     lml0 = (static - n * _safe_log(bstar0 / n)) / 2.0
+    rank_m = int(np.linalg.matrix_rank(M))
+    n_eff = n if v > 0 else r
+    degenerate = bool(v1 <= DEGENERATE_RESIDUAL_FRACTION * (v0 + v1))
     return NullModel(factor, float(lml0), v0, v1, y_scale, scanner, D0, v,
-                     float(static), Q0tM, PM, Q0ty, Py, A_pinv, a, bstar0)
+                     float(static), Q0tM, PM, Q0ty, Py, A_pinv, a, bstar0,
+                     int(n_eff - rank_m - 1), degenerate)
 
 
-def scan_block(model: NullModel, block: "RotatedBlock | np.ndarray") -> dict:
+def scan_block(model: NullModel, block: "RotatedBlock | np.ndarray",
+               method: str = "lrt") -> dict:
     """Test every SNP of a block against one factor.
 
     For SNP g, with B = (Q0 diag(D0) Q0^T + v I)^-1 the fast scanner's fixed
@@ -440,8 +487,20 @@ def scan_block(model: NullModel, block: "RotatedBlock | np.ndarray") -> dict:
     ``fast_scan`` omits that factor when there is more than one covariate). A SNP whose
     ``s`` is not positive (collinear with the covariates) gets NaN.
 
+    ``method="f"``: the exact small-sample test of the same fit. With the variance ratio
+    of the null model held fixed (as the fast scanner does), the alternative is a
+    generalised least-squares regression with covariance known up to scale, and::
+
+        F = (bstar0 - bstar) / (bstar / df),   df = n - rank(M) - 1,
+        p = F(1, df).sf(F),   se = sqrt(bstar / df / s)   (t = beta / se, t^2 = F)
+
+    which is exact when the ratio is known (for a kinship of zero weight it is the OLS
+    F-test) and tends to the LRT as df grows; the LRT's ``2 (lml - lml0) = n log(bstar0
+    / bstar)`` is ``n / df`` times larger near the null, so it is anti-conservative
+    when covariates use a noticeable share of the donors.
+
     Returns arrays (m,): ``lml``, ``beta`` and ``se`` (factor units per allele),
-    ``pvalue``, ``scale``.
+    ``pvalue`` (of ``method``), ``pvalue_lrt``, ``pvalue_f``, ``scale``.
     """
     from numpy_sugar import epsilon
 
@@ -468,8 +527,46 @@ def scan_block(model: NullModel, block: "RotatedBlock | np.ndarray") -> dict:
     lrt = np.clip(2.0 * (lml - model.lml0), 0.0, None)
     p = stats.chi2(1).sf(lrt)
     p[~ok] = np.nan
-    return {"lml": lml, "beta": alpha * model.y_scale, "se": se * model.y_scale,
-            "pvalue": p, "scale": scale}
+    df = model.df_resid
+    if df >= 1:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sigma2 = bstar / df
+            fstat = np.clip(model.bstar0 - bstar, 0.0, None) / sigma2
+            p_f = stats.f(1, df).sf(fstat)
+            se_f = np.sqrt(sigma2 / np.where(ok, s, np.nan))
+        p_f[~ok] = np.nan
+    else:
+        p_f = np.full_like(p, np.nan)
+        se_f = np.full_like(p, np.nan)
+    if method == "lrt":
+        pvalue, se_out = p, se
+    elif method == "f":
+        pvalue, se_out = p_f, se_f
+    else:
+        raise ValueError(f"method must be 'lrt' or 'f', got {method!r}")
+    return {"lml": lml, "beta": alpha * model.y_scale, "se": se_out * model.y_scale,
+            "pvalue": pvalue, "pvalue_lrt": p, "pvalue_f": p_f, "scale": scale}
+
+
+def choose_pvalue_method(n_donors: int, rank_m: int, method: str = "auto") -> str:
+    """The test ``pvalue_method`` resolves to for ``n_donors`` and ``rank(M)`` fixed
+    effects (intercept + covariates).
+
+    ``auto``: the asymptotic LRT when ``df = n - rank(M) - 1 >= LRT_DF_PER_PARAMETER *
+    (rank(M) + 1)``, else the exact F-test. For ordinary least squares the LRT's
+    statistic is ``n log(1 + F / df)``: near the null ``n / df`` times the F statistic,
+    so its genomic inflation is about ``n / df`` and its tail is worse (size at 1e-3:
+    1.44 x nominal at 40 donors without covariates, 3.0 x at 40 donors with 5
+    covariates, 150 x at 40 donors with 30 covariates). At the threshold ``n / df <=
+    1.02`` the LRT's size at 1e-3 is within ~1.2 x nominal.
+    """
+    if method not in PVALUE_METHODS:
+        raise InputError("pvalue_method", "pvalue_method", f"unknown method {method!r}",
+                         f"use one of {PVALUE_METHODS} (CLI: --pvalue-method)")
+    if method != "auto":
+        return method
+    df = n_donors - rank_m - 1
+    return "lrt" if df >= LRT_DF_PER_PARAMETER * (rank_m + 1) else "f"
 
 
 # --------------------------------------------------------------------------------------
@@ -506,10 +603,79 @@ def _progress(iterable, total, desc, enabled):
                 leave=False)
 
 
+def _check_all_snp_kinship(geno, m: int, n: int, unknown: np.ndarray, chrom,
+                           loco_default: bool) -> None:
+    """The all-SNP kinship contains the tested SNPs: refuse it on too few SNPs."""
+    need = max(MIN_ALL_SNP_KINSHIP_SNPS, n)
+    if m >= need:
+        return
+    n_chrom = len(set(np.asarray(chrom, dtype=str)[~unknown].tolist()))
+    if unknown.all():
+        loco_fix = ("or give every SNP its chromosome (a .bim, or a CHR column in the "
+                    "dosage table) with SNPs on several chromosomes, so that a "
+                    "leave-one-chromosome-out kinship is used")
+    elif n_chrom >= 2 and not loco_default:
+        loco_fix = "or drop loco=False (CLI: --no-loco) to use the leave-one-chromosome-out default"
+    else:
+        loco_fix = ("or add SNPs on other chromosomes and use loco=True (CLI: --loco), "
+                    "so that no SNP is tested with a kinship that contains it")
+    raise InputError(geno.source, "kinship", f"the default kinship would be computed from "
+                     f"only {m} QC'd SNPs, which are also the SNPs tested; a kinship needs "
+                     f"at least max({MIN_ALL_SNP_KINSHIP_SNPS}, number of donors) = {need} "
+                     "such SNPs, otherwise it absorbs the tested SNPs' effects (proximal "
+                     "contamination: real associations lose their significance)",
+                     "give a kinship computed from genome-wide SNPs (kinship=DataFrame; "
+                     "CLI: --kinship FILE), or kinship='identity' (CLI: --kinship "
+                     f"identity) for unrelated donors, {loco_fix}")
+
+
+def _check_loco_kinship_snps(geno, groups, kept: np.ndarray, acc, n: int) -> None:
+    """Each leave-one-chromosome-out kinship needs MIN_KINSHIP_SNPS SNPs."""
+    kept_set = np.zeros(geno.n_snps, dtype=bool)
+    kept_set[kept] = True
+    total = int(kept_set.sum())
+    for label, idx in groups:
+        m_c = int(kept_set[idx].sum())
+        if m_c and total - m_c < MIN_KINSHIP_SNPS:
+            raise InputError(geno.source, "kinship", f"the leave-one-chromosome-out "
+                             f"kinship for the {m_c} SNPs of chromosome {label} would "
+                             f"rest on the {total - m_c} QC'd SNPs of the other "
+                             f"chromosomes (at least {MIN_KINSHIP_SNPS} are needed)",
+                             "give a kinship computed from genome-wide SNPs (CLI: "
+                             "--kinship FILE), or --kinship identity for unrelated "
+                             "donors, or add SNPs on the other chromosomes")
+
+
+def _check_null_model(m: "NullModel", basis: "KinshipBasis", label: str, n: int) -> None:
+    """Refuse a null model the scan cannot use (see :func:`_scan_method`)."""
+    where = "" if label == "all" else f" (kinship without chromosome {label})"
+    r = basis.Q0.shape[1]
+    if m.v == 0 and r < n:
+        raise InputError("kinship", "null model", f"degenerate null model for factor "
+                         f"{m.factor!r}{where}: residual variance 0 and a kinship of rank "
+                         f"{r} < {n} donors, so {n - r} directions of the data would be "
+                         "ignored", "use a kinship from more SNPs (CLI: --kinship FILE), "
+                         "--kinship identity, or fewer covariates")
+
+
+def _scan_method(model: "NullModel", method: str, requested: str, switched: set) -> str:
+    """The test of one factor's scan: ``method`` (:func:`choose_pvalue_method`), except
+    that with ``pvalue_method="auto"`` a degenerate null model (residual variance below
+    ``DEGENERATE_RESIDUAL_FRACTION`` of the total: all variance on the kinship, common
+    when covariates use many of the donors' degrees of freedom) switches the factor to
+    the exact F-test, whose calibration does not rest on the ML variance estimates."""
+    if method == "lrt" and requested == "auto" and model.degenerate:
+        switched.add(model.factor)
+        return "f"
+    return method
+
+
 def associate_factors(factors: pd.DataFrame, genotypes, *, kinship=None,
                       covariates: pd.DataFrame | None = None, inverse_normal: bool = False,
                       fdr: float = 0.05, fdr_method: str = "bh", chunk_size: int = 5000,
-                      maf: float = 0.05, loco: bool = False,
+                      maf: float = 0.05, loco: bool | None = None,
+                      pvalue_method: str = "auto",
+                      allow_partial_donor_match: bool = False,
                       progress: bool = True) -> tuple[pd.DataFrame, dict]:
     """Test every donor factor against every SNP with a linear mixed model.
 
@@ -521,10 +687,17 @@ def associate_factors(factors: pd.DataFrame, genotypes, *, kinship=None,
         Dosages. A :class:`PlinkReader` (or a PLINK path) is read from disk in chunks of
         ``chunk_size`` SNPs, twice (QC + kinship, then the scan), so memory stays
         bounded for large files.
-    kinship : DataFrame (donor ids as index and columns), array or None
-        Donor relatedness. An array must be ordered as ``factors.index``. Default:
-        computed from the QC'd genotypes of the analysed donors
-        (:class:`~pyro_livi.data.kinship.KinshipAccumulator`).
+    kinship : DataFrame (donor ids as index and columns), array, ``"identity"`` or None
+        Donor relatedness. An array must be ordered as ``factors.index``.
+        ``"identity"``: unrelated donors (K = I; the test is then the least-squares
+        regression test). Default: computed from the QC'd genotypes of the analysed
+        donors (:class:`~pyro_livi.data.kinship.KinshipAccumulator`), leave one
+        chromosome out when the SNPs lie on several chromosomes (see ``loco``). A
+        computed kinship must rest on enough SNPs: at least ``MIN_KINSHIP_SNPS`` (20) per
+        leave-one-chromosome-out kinship, and at least ``max(50, n_donors)`` when the
+        tested SNPs are part of it (one chromosome, or chromosomes unknown); with fewer
+        it absorbs the tested SNPs' effects (proximal contamination) and InputError
+        says what to give instead.
     covariates : DataFrame, donors (index) x covariates, optional
         Numeric donor-level covariates (e.g. genotype PCs, sex as 0/1, age); an
         intercept is always added.
@@ -539,15 +712,28 @@ def associate_factors(factors: pd.DataFrame, genotypes, *, kinship=None,
     maf : float
         Minor-allele-frequency threshold of the SNP QC
         (:func:`~pyro_livi.data.genotypes.quality_control` rules), on the analysed donors.
-    loco : bool
+    loco : bool or None
         Leave-one-chromosome-out kinship: SNPs of chromosome c are tested with the
         kinship of the SNPs on every other chromosome (null models refitted per
         chromosome), so a tested SNP is never part of its own kinship. Needs the
         chromosome of every SNP and at least two chromosomes; not with ``kinship``.
-        Default False: one kinship from all QC'd SNPs (DESIGN section 4). When the
-        genotypes are a few regions rather than a genome, the all-SNP kinship is
-        dominated by the tested SNPs themselves and the test becomes conservative
-        (lambda_gc < 1); prefer ``loco=True`` there.
+        Default None: leave-one-chromosome-out when no kinship is given and every SNP
+        has a known chromosome with at least two chromosomes present, else one kinship
+        from all QC'd SNPs. ``False`` forces the all-SNP kinship (DESIGN section 4),
+        which contains the tested SNPs: on a few regions rather than a genome the test
+        becomes conservative (lambda_gc < 1) and loses power.
+    pvalue_method : {"auto", "lrt", "f"}
+        ``lrt``: the asymptotic likelihood-ratio test ``chi2(1).sf(2 (lml_alt -
+        lml_null))`` (DESIGN section 4); ``f``: the exact F-test of the same fit
+        (:func:`scan_block`); ``auto`` (default): the LRT when the residual degrees of
+        freedom are large enough for it to be calibrated, else the F-test
+        (:func:`choose_pvalue_method`).
+    allow_partial_donor_match : bool
+        Analyse the donors that match even when donor ids differ only by formatting
+        (``'1'`` vs ``'01'``, case, whitespace, ``FID_IID``) or less than half of the
+        smaller donor set matches (factor table vs genotypes, covariates). Default
+        False: such matches raise InputError, since they usually mean the ids are
+        spelled differently.
     progress : bool
         Progress bars on stderr.
 
@@ -560,17 +746,29 @@ def associate_factors(factors: pd.DataFrame, genotypes, *, kinship=None,
         ``inverse_normal``).
     report : dict
         Donor matching, covariate and kinship handling, SNP QC counts, tested and
-        excluded factors, null-model variances, n_tests, n_significant, pi0 (Storey),
-        lambda_gc overall and per factor.
+        excluded factors, null-model variances, the p-value test used
+        (``pvalue_method``), n_tests, n_significant, pi0 (Storey), lambda_gc overall and
+        per factor, and ``warnings`` (e.g. degenerate null models).
 
     Donors and factors that cannot be used are excluded and reported (never silently
-    dropped); inputs that would give wrong p-values raise InputError.
+    dropped); inputs that would give wrong p-values raise InputError: fewer than
+    ``MIN_DONORS`` donors or ``MIN_RESIDUAL_DF`` residual degrees of freedom, donor
+    ids that only half match, a computed kinship from too few SNPs, a degenerate null
+    model that the scan cannot use.
     """
     if not 0 < fdr < 1:
         raise InputError("fdr", "fdr", f"{fdr} is not in (0, 1)", "use e.g. fdr=0.05")
     if loco and kinship is not None:
         raise InputError("kinship", "loco", "loco=True computes the kinship from the "
                          "genotypes, but a kinship was given", "drop one of the two")
+    if isinstance(kinship, str) and kinship != "identity":
+        raise InputError("kinship", "kinship", f"unknown kinship {kinship!r}", "pass a "
+                         "donors x donors DataFrame or array, 'identity' (unrelated "
+                         "donors), or None (computed from the genotypes); on the CLI "
+                         "--kinship FILE or --kinship identity")
+    if pvalue_method not in PVALUE_METHODS:
+        raise InputError("pvalue_method", "pvalue_method", f"unknown method "
+                         f"{pvalue_method!r}", f"use one of {PVALUE_METHODS}")
     if fdr_method not in FDR_METHODS:
         raise InputError("fdr_method", "fdr_method", f"unknown method {fdr_method!r}",
                          f"use one of {FDR_METHODS}")
@@ -588,17 +786,20 @@ def associate_factors(factors: pd.DataFrame, genotypes, *, kinship=None,
                          "a PlinkReader or a PLINK path")
     try:
         return _associate(factors, genotypes, kinship, covariates, inverse_normal, fdr,
-                          fdr_method, chunk_size, maf, loco, progress)
+                          fdr_method, chunk_size, maf, loco, progress, pvalue_method,
+                          bool(allow_partial_donor_match))
     finally:
         if own_reader:
             genotypes.close()
 
 
 def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_method,
-               chunk_size, maf, loco, progress):
-    report: dict = {"genotypes": geno.source}
+               chunk_size, maf, loco, progress, pvalue_method="auto",
+               allow_partial=False):
+    report: dict = {"genotypes": geno.source, "warnings": []}
     # ---- donors: factors x genotypes
-    _, match = match_donors(geno, list(factors.index), source="factors")
+    _, match = match_donors(geno, list(factors.index), source="the factor table",
+                            allow_partial_donor_match=allow_partial)
     donors = list(match["matched"])
     report["donors"] = {
         "n_factor_donors": match["n_expression_donors"],
@@ -606,7 +807,20 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
         "n_matched": match["n_matched"],
         "factor_donors_without_genotypes": match["unmatched_expression"],
         "n_genotyped_donors_without_factors": match["unmatched_genotype"],
+        "examples_genotyped_donors_without_factors":
+            match["examples_unmatched_genotype"],
+        "n_ids_differing_only_by_formatting": match["n_differing_only_by_formatting"],
+        "allow_partial_donor_match": allow_partial,
     }
+    if match["n_differing_only_by_formatting"] or (
+            match["n_matched"] < MIN_MATCH_FRACTION * min(match["n_expression_donors"],
+                                          match["n_genotyped"])):
+        report["warnings"].append(
+            f"partial donor match allowed: {match['n_matched']} of "
+            f"{match['n_expression_donors']} factor donors matched the "
+            f"{match['n_genotyped']} genotyped donors; "
+            + (", ".join(match["examples_differing_only_by_formatting"])
+               or "no formatting differences"))
     # ---- covariates
     cov_report: dict = {"given": covariates is not None, "columns": []}
     if covariates is not None:
@@ -628,13 +842,21 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
                              f"analysed donors has covariates: donor ids look like "
                              f"{donors[:5]}, covariate ids look like {ids[:5]}",
                              "use the same donor ids as the factor table")
+        cmp = compare_donor_ids(donors, ids, source="covariates",
+                                what="the factor table (genotyped donors)",
+                                other_what="the covariates", allow_partial=allow_partial)
+        cov_report["n_ids_differing_only_by_formatting"] = cmp[
+            "n_differing_only_by_formatting"]
         donors = [d for d in donors if d in have]
         cov_report["donors_without_covariates_excluded"] = no_cov
         cov_report["n_covariate_donors_not_analysed"] = len(have - set(donors))
     # ---- kinship (user-given): check it covers the donors
     K_given = None
     kin_report: dict = {}
-    if kinship is not None:
+    if isinstance(kinship, str):          # "identity" (checked above)
+        K_given = np.eye(len(donors))
+        kin_report = {"source": "identity (unrelated donors)"}
+    elif kinship is not None:
         if isinstance(kinship, pd.DataFrame):
             Kdf = validate_kinship(kinship, "kinship")
         else:
@@ -651,11 +873,31 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
     # ---- design matrix
     n = len(donors)
     n_cov = 0 if covariates is None else covariates.shape[1]
+    dropped = (f" ({len(match['unmatched_expression'])} factor donors had no genotypes"
+               + (f", {len(cov_report.get('donors_without_covariates_excluded', []))} "
+                  "no covariates" if covariates is not None else "") + ")")
     if n <= n_cov + 2:
         raise InputError("donors", "n_donors", f"{n} analysed donors for {n_cov} "
-                         "covariates + intercept + SNP: no residual degrees of freedom",
-                         "use more donors than covariates + 2 (drop covariates or add "
-                         "donors)")
+                         "covariates + intercept + SNP: no residual degrees of freedom"
+                         + dropped, "use more donors than covariates + 2 (drop covariates "
+                         "or add donors)")
+    if n < MIN_DONORS:
+        raise InputError("donors", "n_donors", f"only {n} analysed donors{dropped}; the "
+                         f"association needs at least {MIN_DONORS}: on fewer, a donor "
+                         "factor's distribution cannot be checked and one donor can make "
+                         "a SNP significant", "analyse at least "
+                         f"{MIN_DONORS} donors (check that the donor ids of the factor "
+                         "table, genotypes and covariates match)")
+    df_resid = n - (n_cov + 1) - 1
+    if df_resid < MIN_RESIDUAL_DF:
+        raise InputError("covariates", "columns", f"{n} analysed donors for {n_cov} "
+                         f"covariates + intercept + SNP leave {df_resid} residual degrees "
+                         f"of freedom (at least {MIN_RESIDUAL_DF} are needed): the "
+                         "covariates nearly saturate the donors, the null model "
+                         "degenerates (all variance on the kinship) and no test is "
+                         "calibrated", f"use at most {n - 2 - MIN_RESIDUAL_DF} covariates "
+                         f"for {n} donors (e.g. the first few genotype PCs), or add "
+                         "donors")
     if covariates is not None:
         C, cov_cols, _ = check_covariates(covariates, donors)
         cov_report["columns"] = cov_cols
@@ -665,6 +907,12 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
     # models; better conditioned normal equations)
     C = (C - C.mean(axis=0)) / C.std(axis=0) if C.shape[1] else C
     M = np.column_stack([np.ones(n), C])
+    rank_m = int(np.linalg.matrix_rank(M))
+    method = choose_pvalue_method(n, rank_m, pvalue_method)
+    report["pvalue_method"] = {
+        "requested": pvalue_method, "used": method, "residual_df": n - rank_m - 1,
+        "rule": f"auto: LRT when residual df >= {LRT_DF_PER_PARAMETER} x (intercept + "
+                "covariates + SNP), else the exact F-test"}
     report["covariates"] = cov_report
     report["donors"]["n_analysed"] = n
     report["donors"]["analysed"] = donors
@@ -691,10 +939,15 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
         geno = geno.subset(donors)
     all_idx = np.arange(geno.n_snps)
     n_chunks = -(-geno.n_snps // chunk_size)
+    chrom = geno.snps["chrom"].to_numpy(dtype=object)
+    unknown = np.array([c is None or (isinstance(c, float) and np.isnan(c))
+                        or str(c).strip() in ("", "0", "nan", "None") for c in chrom],
+                       dtype=bool)
+    loco_default = loco is None
+    if loco is None:
+        loco = bool(K_given is None and not unknown.any()
+                    and len(set(np.asarray(chrom, dtype=str).tolist())) >= 2)
     if loco:
-        chrom = geno.snps["chrom"].to_numpy(dtype=object)
-        unknown = np.array([c is None or (isinstance(c, float) and np.isnan(c))
-                            for c in chrom])
         if unknown.any():
             raise InputError(geno.source, "chrom", f"chromosome unknown for "
                              f"{int(unknown.sum())} SNPs, e.g. "
@@ -715,10 +968,13 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
     # ---- pass 1: SNP QC counts (+ kinship from the QC'd genotypes)
     acc = KinshipAccumulator(n) if K_given is None else None
     qc_total = None
-    for _, block, counts in _progress(_qc_chunks(geno, donors, all_idx, chunk_size, maf),
-                                      n_chunks, "QC" + (" + kinship" if acc else ""),
-                                      progress):
+    kept_all = []
+    for kept, block, counts in _progress(_qc_chunks(geno, donors, all_idx, chunk_size,
+                                                    maf),
+                                         n_chunks, "QC" + (" + kinship" if acc else ""),
+                                         progress):
         qc_total = merge_qc_counts(qc_total, counts)
+        kept_all.append(kept)
         if acc is not None and block.shape[1]:
             acc.add(block)
     qc_total = dict(qc_total or {})
@@ -728,19 +984,30 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
         raise InputError(geno.source, "SNPs", f"no SNP passes QC on the {n} analysed donors "
                          f"({qc_total})", "lower maf or check the genotypes")
     if K_given is not None:
-        kin_report["mode"] = "given"
+        kin_report["mode"] = "given" if not isinstance(kinship, str) else "identity"
     elif loco:
         kin_report = {"source": "computed from the QC'd genotypes of the analysed donors",
                       "mode": "leave-one-chromosome-out", "n_snps_used": acc.n_snps_used,
+                      "loco_chosen_by": ("default (SNPs on several chromosomes)"
+                                         if loco_default else "loco=True"),
                       "n_snps_used_per_chromosome_left_out": {}}
+        _check_loco_kinship_snps(geno, groups, np.concatenate(kept_all), acc, n)
     else:
         kin_report = {"source": "computed from the QC'd genotypes of the analysed donors",
-                      "mode": "all SNPs", "n_snps_used": acc.n_snps_used}
+                      "mode": "all SNPs", "n_snps_used": acc.n_snps_used,
+                      "note": "the kinship contains the tested SNPs (proximal "
+                              "contamination): conservative on a few regions"}
+        _check_all_snp_kinship(geno, acc.n_snps_used, n, unknown, chrom, loco_default)
+    switched: set = set()
     # ---- per kinship group (all SNPs, or one chromosome): null models, then the scan
     parts = {c: {"idx": [], "beta": [], "se": [], "pvalue": []} for c in tested}
     null_dirs: dict = {}
     null_report: dict = {c: {} for c in tested}
+    kept_mask = np.zeros(geno.n_snps, dtype=bool)
+    kept_mask[np.concatenate(kept_all)] = True
     for label, idx in groups:
+        if not kept_mask[idx].any():          # nothing to test on this chromosome
+            continue
         if K_given is not None:
             K = K_given
         elif loco:
@@ -760,7 +1027,9 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
             null_report[m.factor][label] = {
                 "lml0": m.lml0, "kinship_variance": m.v0 * m.y_scale ** 2,
                 "residual_variance": m.v1 * m.y_scale ** 2,
-                "kinship_fraction": m.v0 / (m.v0 + m.v1)}
+                "kinship_fraction": m.v0 / (m.v0 + m.v1),
+                "residual_df": m.df_resid, "degenerate": m.degenerate}
+            _check_null_model(m, basis, label, n)
         desc = "scan" if label == "all" else f"scan chrom {label}"
         for kept, block, _ in _progress(_qc_chunks(geno, donors, idx, chunk_size, maf),
                                         -(-len(idx) // chunk_size), desc, progress):
@@ -768,10 +1037,26 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
                 continue
             rotated = basis.rotate(block)
             for model in models:
-                r = scan_block(model, rotated)
+                r = scan_block(model, rotated, _scan_method(model, method, pvalue_method,
+                                                            switched))
                 parts[model.factor]["idx"].append(kept)
                 for key in ("beta", "se", "pvalue"):
                     parts[model.factor][key].append(r[key])
+    degenerate = sorted({f for f, v in null_report.items()
+                         for x in v.values() if x["degenerate"]})
+    report["pvalue_method"]["n_factors_with_degenerate_null_model"] = len(degenerate)
+    report["pvalue_method"]["factors_switched_to_f"] = sorted(switched)
+    if switched:
+        report["warnings"].append(
+            f"{len(switched)} factors have a degenerate null model (residual variance ~0, "
+            "all variance on the kinship), e.g. " + ", ".join(sorted(switched)[:5]) +
+            "; their p-values use the exact F-test instead of the likelihood-ratio test")
+    if degenerate and method == "lrt" and pvalue_method == "lrt":
+        report["warnings"].append(
+            f"{len(degenerate)} factors have a degenerate null model (residual variance "
+            "~0), e.g. " + ", ".join(degenerate[:5]) + "; the likelihood-ratio test "
+            "requested with pvalue_method='lrt' can be inflated there: use "
+            "pvalue_method='auto' (CLI: --pvalue-method auto)")
     kin_report["intercept_null_space_directions_given_variance"] = (
         null_dirs if loco else null_dirs["all"])
     report["kinship"] = kin_report

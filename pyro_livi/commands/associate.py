@@ -29,12 +29,21 @@ def register(subparsers) -> argparse.ArgumentParser:
                    default=None, help="layout of a dosage table (required for tables)")
     p.add_argument("--duplicate-snps", choices=["error", "make_unique"], default="error",
                    help="duplicated SNP ids: fail (default) or keep each as id#2, id#3, ...")
-    p.add_argument("--kinship", default=None, metavar="FILE",
-                   help="donor x donor kinship table (first column and header: donor ids); "
-                   "default: computed from the QC'd genotypes")
-    p.add_argument("--loco", action="store_true",
+    p.add_argument("--kinship", default=None, metavar="FILE|identity",
+                   help="donor x donor kinship table (first column and header: donor ids), "
+                   "or 'identity' for unrelated donors; default: computed from the QC'd "
+                   "genotypes (leave-one-chromosome-out when the SNPs lie on several "
+                   "chromosomes; refused when it would rest on too few SNPs)")
+    p.add_argument("--loco", action=argparse.BooleanOptionalAction, default=None,
                    help="leave-one-chromosome-out kinship computed from the genotypes "
-                   "(needs chromosomes; recommended when the genotypes are a few regions)")
+                   "(default when every SNP has a chromosome and there are at least two); "
+                   "--no-loco forces one kinship from all SNPs, tested SNPs included")
+    p.add_argument("--pvalue-method", choices=["auto", "lrt", "f"], default="auto",
+                   help="auto (default): likelihood-ratio test when there are many donors "
+                   "per fixed effect, else the exact F-test; lrt or f to force one")
+    p.add_argument("--allow-partial-donor-match", action="store_true",
+                   help="analyse the matching donors even when donor ids differ only by "
+                   "formatting (01 vs 1, case, FID_IID) or fewer than half of them match")
     p.add_argument("--covariates", default=None, metavar="FILE",
                    help="donor covariate table (first column donor ids; numeric columns)")
     p.add_argument("--fdr", type=float, default=0.05, help="FDR threshold (default 0.05)")
@@ -64,6 +73,9 @@ def summary(report: dict) -> str:
         f"significant ({report['multiple_testing']['method']}, FDR "
         f"{report['multiple_testing']['fdr']:g}): {report['n_significant']}",
         f"lambda_gc: {report['lambda_gc']:.3f}",
+        f"p-values: {report['pvalue_method']['used']} "
+        f"({report['pvalue_method']['residual_df']} residual df); kinship: "
+        f"{report['kinship'].get('mode', report['kinship'].get('source'))}",
         f"donors analysed: {d['n_analysed']} (factor donors without genotypes: "
         f"{len(d['factor_donors_without_genotypes'])}; genotyped donors without factors: "
         f"{d['n_genotyped_donors_without_factors']}"
@@ -83,6 +95,13 @@ def summary(report: dict) -> str:
     note = report["multiple_testing"].get("pi0_note")
     if note:
         lines.append(note)
+    n_deg = report["pvalue_method"].get("n_factors_with_degenerate_null_model", 0)
+    if n_deg:
+        lines.append(f"null models with residual variance ~0 (degenerate): {n_deg} of "
+                     f"{len(report['factors']['tested'])} factors (p-values from the "
+                     "exact F-test unless --pvalue-method lrt)")
+    for warning in report.get("warnings", []):
+        lines.append(f"warning: {warning}")
     return "\n".join(lines)
 
 
@@ -96,7 +115,9 @@ def run(args) -> int:
             kinship=args.kinship, covariates=args.covariates, fdr=args.fdr,
             fdr_method=args.fdr_method, factors=args.factors,
             inverse_normal=args.inverse_normal, maf=args.maf, loco=args.loco,
-            chunk_size=args.chunk_size, progress=not args.quiet, plots=not args.no_plots)
+            chunk_size=args.chunk_size, pvalue_method=args.pvalue_method,
+            allow_partial_donor_match=args.allow_partial_donor_match,
+            progress=not args.quiet, plots=not args.no_plots)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

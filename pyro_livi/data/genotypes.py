@@ -16,6 +16,7 @@ import csv
 import gzip
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -623,7 +624,140 @@ def iter_snp_chunks(source, chunk_size: int, donors: Sequence[str] | None = None
 # --------------------------------------------------------------------------------------
 
 
-def match_donors(genotypes, donor_ids: Sequence, *, source: str = "expression data"):
+#: Refuse a donor match that keeps less than this fraction of the smaller donor set
+#: (unless ``allow_partial_donor_match``).
+MIN_MATCH_FRACTION = 0.5
+PARTIAL_MATCH_FIX = ("to analyse only the matched donors on purpose, pass "
+                     "allow_partial_donor_match=True (CLI: --allow-partial-donor-match)")
+
+
+def _canonical_id(s: str) -> str:
+    """Lower case, whitespace trimmed and collapsed, digit runs without leading zeros
+    (``'1.0'`` -> ``'1'``): the spelling-insensitive form of a donor id."""
+    t = re.sub(r"\s+", " ", str(s).strip().lower())
+    return re.sub(r"\d+(?:\.0+)?(?!\d)", lambda m: str(int(m.group().split(".")[0])), t)
+
+
+def _id_parts(canonical: str) -> list[str]:
+    """The two halves of an ``FID_IID`` / ``FID IID`` / ``FID-IID`` id, else []."""
+    parts = re.split(r"[_\s:-]+", canonical)
+    return parts if len(parts) == 2 and all(parts) else []
+
+
+def _difference(a: str, b: str) -> str:
+    """How two ids that denote the same donor differ (a short label)."""
+    def ws(x):
+        return re.sub(r"\s+", " ", x.strip())
+
+    def digits(x):
+        return re.sub(r"\d+(?:\.0+)?(?!\d)", lambda m: str(int(m.group().split(".")[0])), x)
+
+    kinds = []
+    if ws(a) != a or ws(b) != b:
+        kinds.append("whitespace")
+    da, db = digits(ws(a)), digits(ws(b))
+    if da != db and da.lower() == db.lower():
+        kinds.append("case")
+    runs_a, runs_b = re.findall(r"\d+(?:\.\d+)?", a), re.findall(r"\d+(?:\.\d+)?", b)
+    if runs_a != runs_b and len(runs_a) == len(runs_b):
+        if [r.split(".")[0] for r in runs_a] != [r.split(".")[0] for r in runs_b]:
+            kinds.append("leading zeros")
+        if any("." in r for r in runs_a + runs_b):
+            kinds.append("integer written as a decimal")
+    if _canonical_id(a) != _canonical_id(b):
+        kinds.append("FID_IID form")
+    return ", ".join(kinds) or "formatting"
+
+
+def formatting_pairs(ids: Sequence[str], other: Sequence[str], limit: int = 5
+                     ) -> tuple[int, list[str]]:
+    """Ids of ``ids`` without an exact match in ``other`` that match an unmatched id of
+    ``other`` after normalising the spelling (case, whitespace, leading zeros, ``1`` vs
+    ``1.0``, ``FID_IID`` vs ``IID``). Returns the count and up to ``limit`` examples
+    written ``'a' vs 'b' (kind)``."""
+    have = set(other)
+    want = set(ids)
+    left = [i for i in ids if i not in have]
+    right = [i for i in other if i not in want]
+    if not left or not right:
+        return 0, []
+    by_key: dict[str, str] = {}
+    by_part: dict[str, str] = {}
+    for r in right:
+        c = _canonical_id(r)
+        by_key.setdefault(c, r)
+        for part in _id_parts(c):
+            by_part.setdefault(part, r)
+    n, examples = 0, []
+    for a in left:
+        c = _canonical_id(a)
+        b = by_key.get(c) or by_part.get(c)
+        if b is None:
+            b = next((by_key[p] for p in _id_parts(c) if p in by_key), None)
+        if b is None:
+            continue
+        n += 1
+        if len(examples) < limit:
+            examples.append(f"{a!r} vs {b!r} ({_difference(a, b)})")
+    return n, examples
+
+
+def compare_donor_ids(ids: Sequence, other: Sequence, *, source, what: str,
+                      other_what: str, allow_partial: bool = False,
+                      field: str = "donor ids") -> dict:
+    """Match the donors of one input (``ids``, e.g. a factor table) to another's
+    (``other``, e.g. the genotypes) and refuse matches that are probably wrong.
+
+    Never coerces ids. Raises :class:`InputError` (``source``, ``field``) when no donor
+    matches; and, unless ``allow_partial``, when an unmatched id of one side equals an
+    unmatched id of the other after normalising its spelling (case, whitespace, leading
+    zeros, ``1`` vs ``1.0``, ``FID_IID``: they would be silently split), or when the
+    matched donors are fewer than ``MIN_MATCH_FRACTION`` of the smaller of the two sets.
+    The message gives the counts on each side, examples of unmatched ids and the
+    formatting hint. Returns a report: ``n_<what>``, counts, examples, ``matched``.
+    """
+    ids = [str(i) for i in ids]
+    other = [str(i) for i in other]
+    have, want = set(other), set(ids)
+    matched = [i for i in ids if i in have]
+    un_left = [i for i in ids if i not in have]
+    un_right = [i for i in other if i not in want]
+    n_fmt, fmt = formatting_pairs(ids, other)
+    report = {"n_left": len(ids), "n_right": len(other), "n_matched": len(matched),
+              "matched": matched, "unmatched_left": un_left,
+              "n_unmatched_right": len(un_right),
+              "examples_unmatched_right": un_right[:5],
+              "n_differing_only_by_formatting": n_fmt,
+              "examples_differing_only_by_formatting": fmt,
+              "allow_partial_donor_match": bool(allow_partial)}
+    counts = (f"{len(matched)} of the {len(ids)} donors of {what} match the "
+              f"{len(other)} donors of {other_what}; unmatched ids of {what}: "
+              f"{len(un_left)}, e.g. {un_left[:5]}; of {other_what}: {len(un_right)}, "
+              f"e.g. {un_right[:5]}")
+    hint = (f"; {n_fmt} unmatched ids differ only by formatting, e.g. {', '.join(fmt)}"
+            if n_fmt else "")
+    same_ids = ("write the donor ids the same way in both inputs" +
+                (" (the ids above differ only by formatting: fix the spelling in one "
+                 "file; ids are never rewritten silently)" if n_fmt else ""))
+    if not matched:
+        raise InputError(source, field, f"none of the {len(ids)} donors of {what} is in "
+                         f"{other_what}: {what} ids look like {ids[:5]}, {other_what} ids "
+                         f"look like {other[:5]}{hint}", same_ids + " (e.g. the .fam IID "
+                         "column, or the header of the dosage table)")
+    if allow_partial:
+        return report
+    smaller = min(len(ids), len(other))
+    if n_fmt:
+        raise InputError(source, field, counts + hint, same_ids + "; " + PARTIAL_MATCH_FIX)
+    if len(matched) < MIN_MATCH_FRACTION * smaller:
+        raise InputError(source, field, counts + f" (only {len(matched)} of the smaller "
+                         f"set of {smaller}; at least {MIN_MATCH_FRACTION:.0%} must match)",
+                         same_ids + "; " + PARTIAL_MATCH_FIX)
+    return report
+
+
+def match_donors(genotypes, donor_ids: Sequence, *, source: str = "expression data",
+                 allow_partial_donor_match: bool = False):
     """Restrict genotypes to ``donor_ids`` that have genotypes, in the order of ``donor_ids``.
 
     ``genotypes``: a :class:`Genotypes` (returned restricted) or a :class:`PlinkReader`
@@ -632,27 +766,30 @@ def match_donors(genotypes, donor_ids: Sequence, *, source: str = "expression da
     Returns ``(genotypes, report)``, report keys: ``n_expression_donors``,
     ``n_genotyped``, ``n_matched``, ``matched`` (ids, in order), ``unmatched_expression``
     (ids without genotypes), ``unmatched_genotype`` (count of genotyped donors not
-    requested). No match at all -> InputError with examples of both id sets.
+    requested), ``examples_unmatched_genotype``, ``n_differing_only_by_formatting`` and
+    examples. No match at all, ids that differ only by formatting, or a match of less
+    than half the smaller donor set -> InputError with examples of both id sets
+    (:func:`compare_donor_ids`); the last two are allowed with
+    ``allow_partial_donor_match=True``.
     """
     ids = [str(d) for d in donor_ids]
     _check_unique(ids, source, "donor ids", "give every donor once")
-    have = set(genotypes.donors)
-    matched = [d for d in ids if d in have]
-    wanted = set(ids)
+    rep = compare_donor_ids(ids, genotypes.donors, source=genotypes.source, what=source,
+                            other_what="the genotypes",
+                            allow_partial=allow_partial_donor_match)
+    matched = rep["matched"]
     report = {
         "n_expression_donors": len(ids),
         "n_genotyped": len(genotypes.donors),
         "n_matched": len(matched),
         "matched": matched,
-        "unmatched_expression": [d for d in ids if d not in have],
-        "unmatched_genotype": sum(1 for d in genotypes.donors if d not in wanted),
+        "unmatched_expression": rep["unmatched_left"],
+        "unmatched_genotype": rep["n_unmatched_right"],
+        "examples_unmatched_genotype": rep["examples_unmatched_right"],
+        "n_differing_only_by_formatting": rep["n_differing_only_by_formatting"],
+        "examples_differing_only_by_formatting":
+            rep["examples_differing_only_by_formatting"],
     }
-    if not matched:
-        raise InputError(genotypes.source, "donor ids", f"none of the {len(ids)} donors of "
-                         f"{source} has genotypes: {source} ids look like {ids[:5]}, "
-                         f"genotype ids look like {list(genotypes.donors)[:5]}",
-                         "use the same donor ids in both (e.g. the .fam IID column, or "
-                         "the header of the dosage table)")
     if isinstance(genotypes, Genotypes):
         return genotypes.subset(matched), report
     return genotypes, report

@@ -199,14 +199,23 @@ def align_kinship(K: pd.DataFrame, donors: Sequence[str], source: str = "kinship
 
     Donors absent from the kinship -> InputError listing them.
     """
+    from pyro_livi.data.genotypes import formatting_pairs
+
     donors = [str(d) for d in donors]
     have = set(K.index)
     missing = [d for d in donors if d not in have]
     if missing:
-        raise InputError(source, "donor ids", f"{len(missing)} donors missing from the "
-                         f"kinship: {missing[:10]}{' ...' if len(missing) > 10 else ''}",
-                         "give a kinship covering every analysed donor, or drop --kinship "
-                         "to compute it from the genotypes")
+        n_fmt, fmt = formatting_pairs(donors, list(K.index))
+        hint = (f"; {n_fmt} of them differ from a kinship id only by formatting, e.g. "
+                f"{', '.join(fmt)}" if n_fmt else "")
+        raise InputError(source, "donor ids", f"{len(missing)} of the {len(donors)} "
+                         f"analysed donors are missing from the kinship ({len(K.index)} "
+                         f"donors, ids look like {list(K.index)[:5]}): "
+                         f"{missing[:10]}{' ...' if len(missing) > 10 else ''}{hint}",
+                         ("write the donor ids the same way in the kinship and the factor "
+                          "table; " if n_fmt else "") + "give a kinship covering every "
+                         "analysed donor, or drop --kinship to compute it from the "
+                         "genotypes")
     return K.loc[donors, donors].to_numpy(np.float64)
 
 
