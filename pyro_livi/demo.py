@@ -114,7 +114,7 @@ def run_demo(out: str | Path, *, seed: int = 0, config: SimulationConfig | None 
     result = fit(sim.adata, donor_key="donor", label_keys=["cell_type"], epochs_vae=settings.epochs_vae,
                  epochs=settings.epochs, patience=settings.patience, batch_size=settings.batch_size,
                  lr=settings.lr,
-                 seed=seed, progress=progress, out=out / "run", n_cell_state=settings.n_cell_state,
+                 seed=seed, progress=progress, out=out / "run", overwrite=True, n_cell_state=settings.n_cell_state,
                  n_dxc=settings.n_dxc, n_persistent=settings.n_persistent,
                  encoder_hidden=settings.encoder_hidden, link=settings.link,
                  persistent_in_vae_stage=settings.persistent_in_vae_stage)

@@ -16,8 +16,8 @@ from .data import DatasetSpec, read_dataset
 from .errors import InputError
 from .infer import Trainer, TrainingConfig, seed_everything
 from .models import model_class
-from .persistence import save_model
-
+from .persistence import MODEL_FILE, save_model
+from .rundir import CHECKPOINT_DIR, check_same_data, data_fingerprint, prepare_run_dir
 
 @dataclass
 class FitResult:
@@ -83,6 +83,7 @@ def fit(
     progress: bool = True,
     out: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     **options,
 ) -> FitResult:
     """Fit registered model ``model`` (see ``pyro-livi models``) to ``data`` (a path or an
@@ -97,8 +98,15 @@ def fit(
     ``n_latent=10`` for scvi), ``likelihoods={"prot": "nb_mixture"}``, and its schedule options
     (the LIVI family: ``epochs_vae``, ``warmup_epochs_G``, ``persistent_in_vae_stage``,
     ``donor_lr``; see :func:`pyro_livi.models.livi_stages`).
-    With ``out``, checkpoints go to ``out/checkpoints`` (``resume=True`` continues from them)
-    and the outputs are written by :func:`write_run_dir`. Raises InputError on bad input.
+    With ``out``, checkpoints go to ``out/checkpoints`` and the outputs are written by
+    :func:`write_run_dir`. A run directory is never silently mixed or clobbered
+    (:func:`prepare_run_dir`): when ``out`` already holds a run (finished, or interrupted with
+    only its checkpoint), ``resume=True`` continues it, after checking that the model, its
+    options, the training settings, the data spec and the data (cells, features) are those the
+    checkpoint was made with (a RunDirectoryError names each setting that differs);
+    ``overwrite=True`` removes the old run's outputs first; neither refuses with a
+    RunDirectoryError. Raises InputError on bad input, TrainingDivergedError when training fails
+    numerically.
     """
     cls = model_class(model)
     model_options, schedule = split_options(model, options)
@@ -106,21 +114,29 @@ def fit(
                        covariate_keys=list(covariate_keys), label_keys=list(label_keys),
                        optional_modalities=list(optional_modalities),
                        continuous_modalities=list(continuous_modalities))
+    declared = {k: o.default for k, o in cls.options.items()}
+    arguments = dict(model=model, epochs=epochs, patience=patience, batch_size=batch_size,
+                     lr=lr, seed=seed, **{**declared, **options})
+    run_info = {"arguments": json.loads(json.dumps(arguments, default=str)), "spec": spec.to_dict(),
+                "data": None if not isinstance(data, (str, Path)) else str(data)}
+    if out is not None:
+        prepare_run_dir(out, resume=resume, overwrite=overwrite, run_info=run_info)
     dataset = read_dataset(data, spec)
+    run_info["data_fingerprint"] = data_fingerprint(dataset)
+    if out is not None and resume:
+        check_same_data(Path(out), run_info)
     seed_everything(seed)
     net = build_model(model, dataset, **model_options)
     stages = cls.default_stages(epochs=epochs, patience=patience, **schedule)
     config = TrainingConfig(batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress)
     trainer = Trainer(net, dataset, stages, config,
-                      checkpoint_dir=Path(out) / "checkpoints" if out is not None else None)
+                      checkpoint_dir=Path(out) / CHECKPOINT_DIR if out is not None else None,
+                      run_info=run_info)
     history = trainer.fit(resume=resume)
     net.to("cpu")
     result = FitResult(model=net, dataset=dataset, history=history)
     if out is not None:
-        declared = {k: o.default for k, o in cls.options.items()}
-        write_run_dir(result, out, spec=spec.to_dict(),
-                      arguments=dict(model=model, epochs=epochs, patience=patience, batch_size=batch_size,
-                                     lr=lr, seed=seed, **{**declared, **options}))
+        write_run_dir(result, out, spec=spec.to_dict(), arguments=arguments)
     return result
 
 
@@ -132,7 +148,8 @@ def write_run_dir(result: FitResult, out: str | Path, *, spec: dict | None = Non
     e.g. cell_state.tsv or latent.tsv with cell ids as rows; for donor models D.tsv and V.tsv
     with donor ids as rows, A.tsv; loadings_<decoder>.tsv, dispersions_<modality>.tsv with
     feature names as rows), history.tsv (per-epoch loss and each ELBO term / penalty, per
-    cell), loss_curve.png, run.json (the arguments of the fit).
+    cell), loss_curve.png, run.json (the arguments of the fit, and under ``"outputs"`` the
+    files written, which ``overwrite`` removes and nothing else).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,6 +162,7 @@ def write_run_dir(result: FitResult, out: str | Path, *, spec: dict | None = Non
         table.to_csv(out / f"{name}.tsv", sep="\t")
     result.history.to_csv(out / "history.tsv", sep="\t", index=False)
     plot_loss_curves(result.history, out / "loss_curve.png")
-    (out / "run.json").write_text(json.dumps(arguments or {}, indent=2, default=str))
+    written = [MODEL_FILE, *(f"{name}.tsv" for name in tables), "history.tsv", "loss_curve.png", "run.json"]
+    (out / "run.json").write_text(json.dumps({**(arguments or {}), "outputs": written}, indent=2, default=str))
     result.tables, result.run_dir = tables, out
     return out

@@ -548,3 +548,52 @@ def test_mudata_backed_file(tmp_path):
     for m in ("rna", "prot"):
         assert torch.equal(a.x[m], b.x[m])
         assert torch.equal(a.size_factor[m], b.size_factor[m])
+
+
+# --------------------------------------------------------------------------------------
+# Messages name the fix in both interfaces and list what is available (issue 11, case 6)
+# --------------------------------------------------------------------------------------
+
+
+def test_log_normalised_x_lists_layers_and_suggests_the_counts_layer():
+    adata = make_adata()
+    adata.layers["raw_counts"] = adata.X.copy()
+    adata.layers["norm"] = adata.X.multiply(0.5).tocsr()
+    adata.X = adata.X.copy()
+    adata.X.data = np.log1p(adata.X.data)
+    msg = raises("adata.X", "modalities={'rna': 'raw_counts'} in Python, --layer raw_counts or "
+                 "--modalities rna:raw_counts on the CLI", read_dataset, adata, SPEC)
+    assert "layers of modality 'rna': ['raw_counts', 'norm']" in msg
+    assert "layer 'raw_counts' holds integer counts" in msg
+
+
+def test_non_count_x_without_layers_says_so():
+    adata = make_adata()
+    adata.X.data = adata.X.data / 7.0
+    msg = raises("adata.X", "--layer counts", read_dataset, adata, SPEC)
+    assert "modality 'rna' has no layers besides .X" in msg
+
+
+def test_missing_layer_names_both_forms_and_the_counts_layer():
+    adata = make_adata()
+    adata.layers["umi"] = adata.X.copy()
+    msg = raises("adata.layers['counts']", "--layer umi", read_dataset, adata,
+                 {"modalities": {"rna": "counts"}, "donor_key": "donor"})
+    assert "layer 'umi' holds integer counts" in msg and "modalities={'rna': 'umi'} in Python" in msg
+
+
+def test_unknown_obs_columns_name_the_flag_and_the_keyword():
+    msg = raises("obs['Donor'] (donor_key)", "--donor-key on the CLI, donor_key= in Python", read_dataset,
+                 make_adata(), {"modalities": {"rna": None}, "donor_key": "Donor"})
+    assert "did you mean 'donor'?" in msg
+    raises("obs['plate'] (covariate_keys)", "--covariate-keys on the CLI, covariate_keys= in Python",
+           read_dataset, make_adata(), dict(SPEC, covariate_keys=["plate"]))
+    raises("obs['celltype'] (label_keys)", "--label-keys on the CLI, label_keys= in Python",
+           read_dataset, make_adata(), dict(SPEC, label_keys=["celltype"]))
+
+
+def test_unknown_modality_names_the_flag_and_the_keyword():
+    msg = raises("modalities", "--modalities rna,prot on the CLI, modalities={'rna': None, 'prot': None} in "
+                 "Python", read_dataset, make_mudata(), {"modalities": {"rna": None, "adt": None},
+                                                         "donor_key": "donor"})
+    assert "available: ['rna', 'prot']" in msg

@@ -127,7 +127,8 @@ def compare(data, models, out, *, label_key: str | None = None, modalities=None,
                 print(f"[{name}] fitting on {len(train)} cells ({', '.join(f'{m}: {k}' for m, k in kinds.items())})")
             tic = time.perf_counter()
             result = fit(_subset(prepared, train_names), model=name, epochs=epochs, batch_size=batch_size, lr=lr,
-                         seed=seed, progress=progress, out=folder / "run", **spec, **(options or {}).get(name, {}))
+                         seed=seed, progress=progress, out=folder / "run", overwrite=True, **spec,
+                         **(options or {}).get(name, {}))
             seconds = time.perf_counter() - tic
             everything = read_dataset(prepared, DatasetSpec(**spec), donor_index=result.dataset.donor_index,
                                       covariate_categories=result.dataset.covariate_categories)

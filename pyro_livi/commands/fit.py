@@ -73,7 +73,13 @@ def register(subparsers, argv=None) -> None:
     p.add_argument("--lr", type=float, default=8e-4, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, minibatches and sampling")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN_DIR from its checkpoint (RUN_DIR/checkpoints); the "
+                   "settings must be those of that run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="RUN_DIR holds another run: remove that run's outputs (model.pt, its tables, "
+                   "history.tsv, loss_curve.png, run.json, checkpoints/; never other files) and start "
+                   "again. Without --resume or --overwrite, a RUN_DIR holding a run is refused")
     p.add_argument("--out", required=True, help="RUN_DIR")
     if chosen in MODELS:
         cls = MODELS[chosen]
@@ -118,7 +124,7 @@ def run(args) -> int:
         continuous_modalities=_names(args.continuous_modalities),
         covariate_keys=args.covariate_keys, label_keys=args.label_keys, epochs=args.epochs,
         patience=args.patience or None, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        device=args.device, out=args.out, resume=args.resume, **options,
+        device=args.device, out=args.out, resume=args.resume, overwrite=args.overwrite, **options,
     )
     last = result.history.iloc[-1]
     donors = result.dataset.donor_index

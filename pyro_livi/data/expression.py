@@ -11,6 +11,7 @@ matrices stay sparse, backed files stay on disk. Every problem is an
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from pathlib import Path
 
@@ -192,8 +193,44 @@ def _layer_fix(name: str, layer: str = "counts") -> str:
     return f"modalities={{'{name}': '{layer}'}} in Python, --layer {layer} or --modalities {name}:{layer} on the CLI"
 
 
+#: Stored values looked at per layer when suggesting which layer holds raw counts.
+LAYER_PROBE_VALUES = 100_000
+
+
+def _holds_counts(matrix) -> bool:
+    """Whether the first ``LAYER_PROBE_VALUES`` stored values of a layer look like raw counts
+    (non-negative integers, not all zero). Cheap, used only to suggest a layer in a message."""
+    try:
+        if sp.issparse(matrix) or isinstance(matrix, (ad.abc.CSRDataset, ad.abc.CSCDataset)):
+            data = matrix.data if sp.issparse(matrix) else matrix.group["data"]
+            values = np.asarray(data[:LAYER_PROBE_VALUES])
+        else:
+            n_rows = max(1, LAYER_PROBE_VALUES // max(1, int(matrix.shape[1])))
+            values = np.asarray(matrix[:n_rows]).reshape(-1)
+    except Exception:  # noqa: BLE001 - a suggestion must never fail the read
+        return False
+    if values.size == 0 or values.dtype.kind not in "uif" or not values.any():
+        return False
+    if values.dtype.kind in "ui":
+        return bool((values >= 0).all())
+    return bool(np.isfinite(values).all() and (values >= 0).all() and (values == np.floor(values)).all())
+
+
+def _layers_note(adata, name: str, current: str | None) -> tuple[str, str | None]:
+    """``(note, counts_layer)``: the layers modality ``name`` has (for a message) and the first
+    other layer that holds integer counts (None if none)."""
+    layers = list(adata.layers.keys()) if adata is not None else []
+    if not layers:
+        return f"modality '{name}' has no layers besides .X", None
+    counts = next((k for k in layers if k != current and _holds_counts(adata.layers[k])), None)
+    note = f"layers of modality '{name}': {layers}"
+    if counts is not None:
+        note += f"; layer '{counts}' holds integer counts"
+    return note, counts
+
+
 def _value_totals(m: _CountMatrix, source: str, name: str, continuous: bool, cell_names,
-                  feature_names) -> np.ndarray:
+                  feature_names, adata=None, layer: str | None = None) -> np.ndarray:
     """Row totals (float64, shape (n_rows,)) after checking every stored value.
 
     The matrix is read in blocks of about ``BACKED_CHUNK_VALUES`` stored values, in memory or
@@ -217,8 +254,11 @@ def _value_totals(m: _CountMatrix, source: str, name: str, continuous: bool, cel
     if continuous:
         raise InputError(source, m.field, f"values contain NaN or inf ({where})",
                          "replace the NaN/inf entries, or drop those cells or features")
+    note, counts_layer = _layers_note(adata, name, layer)
     fix_raw = ("give raw integer counts (not normalised, scaled or log-transformed values): "
-               "if the raw counts are in a layer, name it (" + _layer_fix(name) + "); if this "
+               + (f"layer '{counts_layer}' holds them, name it (" + _layer_fix(name, counts_layer) + ")"
+                  if counts_layer else "if the raw counts are in a layer, name it (" + _layer_fix(name) + ")")
+               + "; if this "
                f"modality really holds continuous values, declare it continuous "
                f"(continuous_modalities=['{name}'] in Python, --continuous-modalities {name} on "
                "the CLI) for a model that reads continuous input")
@@ -226,7 +266,7 @@ def _value_totals(m: _CountMatrix, source: str, name: str, continuous: bool, cel
                "non-integer": "counts are not integers"}[kind]
     if kind == "non-finite":
         fix_raw = "replace the NaN/inf entries with the measured counts, or drop those cells; " + fix_raw
-    raise InputError(source, m.field, f"{problem} ({where})", fix_raw)
+    raise InputError(source, m.field, f"{problem} ({where}); {note}", fix_raw)
 
 
 # --------------------------------------------------------------------------------------
@@ -278,8 +318,9 @@ def _modalities(obj, spec: DatasetSpec, source: str) -> dict[str, ad.AnnData]:
         if len(names) != 1:
             raise InputError(source, "modalities",
                              f"an AnnData holds one modality but the spec names {names}",
-                             "give a MuData for several modalities, or a spec with a single "
-                             "modality, e.g. {'rna': None}")
+                             "give a MuData for several modalities (.h5mu), or a spec with a single "
+                             "modality, e.g. {'rna': None} (modalities= in Python; --modalities rna "
+                             "on the CLI, or a model that takes one modality)")
         return {names[0]: obj}
     if getattr(obj, "axis", 0) != 0:
         raise InputError(source, "axis",
@@ -290,7 +331,9 @@ def _modalities(obj, spec: DatasetSpec, source: str) -> dict[str, ad.AnnData]:
     if missing:
         raise InputError(source, "modalities",
                          f"modality(ies) {missing} not in the MuData; available: {list(obj.mod)}",
-                         "name modalities of the MuData in the spec's 'modalities'")
+                         "name modalities of the MuData in the spec's 'modalities' (--modalities "
+                         f"{','.join(list(obj.mod)[:2])} on the CLI, modalities="
+                         f"{ {m: None for m in list(obj.mod)[:2]} } in Python)")
     return {n: obj.mod[n] for n in names}
 
 
@@ -302,14 +345,19 @@ def _matrix_field(is_mu: bool, name: str, layer: str | None) -> str:
 def _count_source(adata: ad.AnnData, name: str, layer: str | None, source: str, field: str):
     if layer is None:
         if adata.X is None:
-            raise InputError(source, field, f"modality '{name}' has no .X",
+            note, counts = _layers_note(adata, name, None)
+            raise InputError(source, field, f"modality '{name}' has no .X; {note}",
                              "store the raw counts in .X, or name the layer that holds them, "
-                             f"e.g. modalities={{'{name}': 'counts'}}")
+                             f"e.g. {_layer_fix(name, counts or 'counts')}")
         return adata.X
     if layer not in adata.layers:
+        _, counts = _layers_note(adata, name, None)
+        example = counts or next(iter(adata.layers.keys()), "LAYER")
         raise InputError(source, field, f"no layer '{layer}' in modality '{name}'; available "
-                         f"layers: {list(adata.layers.keys())}",
-                         f"set modalities['{name}'] to one of these layers, or to null for .X")
+                         f"layers: {list(adata.layers.keys())}" + (f" (layer '{counts}' holds integer "
+                                                                   "counts)" if counts else ""),
+                         f"set modalities['{name}'] to one of these layers, or to null for .X "
+                         f"(e.g. {_layer_fix(name, example)}; leave out --layer for .X)")
     return adata.layers[layer]
 
 
@@ -376,10 +424,15 @@ def _obs_column(obj, ref: ad.AnnData, key: str, spec_field: str, source: str) ->
         if key in obj.obs.columns:
             return obj.obs[key]
         available = list(obj.obs.columns)
+    flag = {"donor_key": "--donor-key", "covariate_keys": "--covariate-keys",
+            "label_keys": "--label-keys"}.get(spec_field, f"--{spec_field.replace('_', '-')}")
+    close = difflib.get_close_matches(str(key), [str(c) for c in available], n=1, cutoff=0.6)
+    close += [str(c) for c in available if str(c).lower() == str(key).lower() and str(c) not in close]
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise InputError(source, f"obs['{key}'] ({spec_field})",
-                     f"no .obs column '{key}'; available .obs columns: {available}",
-                     f"set '{spec_field}' in the spec to one of the available columns, or add "
-                     f"a '{key}' column to .obs")
+                     f"no .obs column '{key}'; available .obs columns: {available}{hint}",
+                     f"set '{spec_field}' in the spec to one of the available columns ({flag} "
+                     f"on the CLI, {spec_field}= in Python), or add a '{key}' column to .obs")
 
 
 def _nan_check(col: pd.Series, names: pd.Index, key: str, spec_field: str, source: str,
@@ -720,7 +773,8 @@ def read_dataset(data, spec: DatasetSpec | dict, *, backed: bool = False,
             raise InputError(source, field, f"modality '{name}' has no features",
                              "give at least one feature, or drop the modality from the spec")
         continuous = name in spec.continuous_modalities
-        totals = _value_totals(matrix, source, name, continuous, adata.obs_names, adata.var_names)
+        totals = _value_totals(matrix, source, name, continuous, adata.obs_names, adata.var_names,
+                               adata=adata, layer=layer)
         if continuous:
             totals = np.ones_like(totals)
         zero = totals == 0

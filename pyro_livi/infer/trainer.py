@@ -22,14 +22,22 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.loader import MinibatchLoader
+from ..errors import RunDirectoryError, TrainingDivergedError
 from .elbo import elbo_terms
 from .stages import EarlyStopping, Stage
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
+#: An epoch whose per-cell loss exceeds this many times the first epoch's (at least 1.0 in
+#: absolute value) counts as diverged: healthy training lowers the loss, and a loss that has grown
+#: a million-fold belongs to a model whose outputs are meaningless even while it is still finite.
+LOSS_EXPLOSION_FACTOR = 1e6
 
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite."""
+#: Settings of :class:`TrainingConfig` that may change when resuming (they do not change the result).
+RESUMABLE_CHANGES = ("device", "progress")
+
+__all__ = ["CHECKPOINT_NAME", "LOSS_EXPLOSION_FACTOR", "Trainer", "TrainingConfig",
+           "TrainingDivergedError", "seed_everything"]
 
 
 @dataclass
@@ -70,11 +78,20 @@ class Trainer:
     """Fit a zoo model to a :class:`~pyro_livi.data.SingleCellDataset` through its stages.
 
     ``checkpoint_dir`` (optional) receives ``checkpoint.pt`` after every epoch; ``fit(resume=True)``
-    continues from it. ``callbacks`` are called as ``callback(trainer, record)`` after each epoch.
+    continues from it (a :class:`~pyro_livi.errors.RunDirectoryError` names what differs when the
+    checkpoint was made by another model, config, schedule, training settings or donors).
+    ``run_info`` (optional, JSON-like) is stored in the checkpoint, e.g. the arguments and data
+    spec of :func:`pyro_livi.run.fit`, which compares them before resuming.
+    ``callbacks`` are called as ``callback(trainer, record)`` after each epoch.
+
+    Every numerical failure (a NaN/inf loss term, parameter, gradient or distribution argument,
+    or a loss that grew :data:`LOSS_EXPLOSION_FACTOR`-fold) raises a
+    :class:`~pyro_livi.errors.TrainingDivergedError` naming the stage, the epoch, the site or
+    parameter, and the last checkpoint written (which always holds finite parameters).
     """
 
     def __init__(self, model, dataset, stages: list[Stage], config: TrainingConfig | None = None,
-                 checkpoint_dir: str | Path | None = None, callbacks=()):
+                 checkpoint_dir: str | Path | None = None, callbacks=(), run_info: dict | None = None):
         self.model = model
         self.dataset = dataset
         self.stages = list(stages)
@@ -86,6 +103,10 @@ class Trainer:
         self._stop_state: dict = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_optimizer_state = None
+        self.run_info = run_info
+        #: epoch after which this trainer last wrote (or, resuming, read) the checkpoint
+        self._checkpoint_epoch: int | None = None
+        self._param_names: dict[int, str] = {}
 
     # ---------------------------------------------------------------- stage machinery
     def _enter_stage(self, stage: Stage) -> None:
@@ -100,6 +121,7 @@ class Trainer:
             raise ValueError(f"stage {stage.name!r}: unknown parameter groups {sorted(missing)}; "
                              f"the model has {sorted(groups)}")
         self._frozen_names = []
+        self._param_names = {id(p): n for n, p in self.model.named_parameters()}
         param_groups = []
         for group, params in groups.items():
             trainable = group in stage.train
@@ -159,6 +181,7 @@ class Trainer:
         loader = MinibatchLoader(self.dataset, batch_size=self.config.batch_size, shuffle=True,
                                  seed=self.config.seed)
         n_cells = self.dataset.n_cells
+        bar = None
         try:
             while self._position["stage"] < len(self.stages):
                 stage = self.stages[self._position["stage"]]
@@ -170,6 +193,7 @@ class Trainer:
                 while self._position["stage"] == stage_index:
                     before = self._watched(stage.early_stopping)
                     record = self._run_epoch(stage, loader, n_cells, device)
+                    self._check_epoch(stage, record)
                     for group in self._optimizer.param_groups:
                         group["lr"] *= stage.lr_decay ** (1.0 / stage.epochs)
                     after = self._watched(stage.early_stopping)
@@ -189,10 +213,14 @@ class Trainer:
                     for callback in self.callbacks:
                         callback(self, record)
                 bar.close()
-        except KeyboardInterrupt:
-            where = self.checkpoint_path if self.checkpoint_dir else "nowhere (no checkpoint_dir)"
-            print(f"Interrupted at epoch {self._position['epoch']}; last checkpoint: {where}. "
-                  "Run again with resume to continue.")
+        except BaseException as err:
+            if bar is not None:
+                bar.close()  # so that a message printed next starts on its own line
+            if isinstance(err, KeyboardInterrupt):
+                where = (f"{self.checkpoint_path} (after epoch {self._checkpoint_epoch})"
+                         if self._checkpoint_epoch is not None else "none written yet")
+                print(f"Interrupted; last checkpoint: {where}. "
+                      "Continue with --resume on the CLI (resume=True in Python).")
             raise
         self.model.components = set(self.model.components_all)
         for p in self.model.parameters():
@@ -214,17 +242,23 @@ class Trainer:
                 terms = elbo_terms(self.stage_model, self.stage_guide, batch)
                 if kl_weight != 1.0:
                     terms = {k: v * kl_weight if k.startswith("kl_") else v for k, v in terms.items()}
-            except ValueError as err:  # distribution argument checks reject non-finite parameters
-                bad = [k for k, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-                if bad:
-                    raise self._diverged(stage, n_batches, f"parameters {bad} are not finite") from err
-                raise
+            except (ValueError, torch.linalg.LinAlgError) as err:
+                # distribution argument checks reject non-finite or out-of-support parameters
+                what = self._diagnose(batch)
+                if what is None and not _numerical(err):
+                    raise  # e.g. invalid observed data: not a numerical failure of training
+                raise self._diverged(stage, n_batches, what or _first_line(err)) from err
             loss = sum(terms.values())
             if not torch.isfinite(loss):
-                raise self._diverged(stage, n_batches, f"the loss became {loss.item()}; terms: "
-                                     f"{ {k: v.item() for k, v in terms.items()} }")
+                bad = {k: v.item() for k, v in terms.items() if not torch.isfinite(v)}
+                what = f"the loss became {loss.item()} (terms {bad})"
+                origin = self._diagnose(batch)
+                if origin:
+                    what += f"; {origin}"
+                raise self._diverged(stage, n_batches, what)
             self._optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self._check_gradients(stage, n_batches)
             self._optimizer.step()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
@@ -237,12 +271,68 @@ class Trainer:
                 "loss": sum(per_cell.values()), **per_cell, **warmup,
                 "cells_per_s": n_cells / elapsed}
 
-    def _diverged(self, stage: Stage, n_batches: int, what: str) -> TrainingDivergedError:
-        last = self.checkpoint_path if self.checkpoint_dir else "none (no checkpoint_dir)"
+    # ------------------------------------------------------------ numerical failures
+    def _diverged(self, stage: Stage, n_batches: int | None, what: str) -> TrainingDivergedError:
+        """The divergence error: stage, epoch, batch, what failed, the last checkpoint, the fix."""
+        reason = ""
+        checkpoint = None
+        if self.checkpoint_dir is None:
+            reason = "no checkpoint directory was given"
+        elif self._checkpoint_epoch is None or not self.checkpoint_path.exists():
+            reason = "training failed before the end of its first epoch"
+        else:
+            checkpoint = self.checkpoint_path
         return TrainingDivergedError(
-            f"{what} in stage {stage.name!r} at epoch {self._position['epoch']} (batch {n_batches}). "
-            f"Last good checkpoint: {last}. Lower the learning rate or check the input counts."
-        )
+            what, stage=stage.name, epoch=self._position["epoch"], batch=n_batches,
+            checkpoint=checkpoint, checkpoint_epoch=self._checkpoint_epoch, no_checkpoint_reason=reason,
+            lr=self.config.lr, group_lr={g: r for g, r in stage.group_lr.items() if g in stage.train})
+
+    def _nonfinite_parameters(self) -> list[str]:
+        return [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+
+    def _diagnose(self, batch) -> str | None:
+        """Where a numerical failure comes from: the non-finite parameters, else the first guide
+        or model sample site whose distribution arguments or sampled value are non-finite or
+        outside their support (found by re-running the batch with validation off). None when
+        nothing numerical is found (e.g. the observed data are invalid)."""
+        bad = self._nonfinite_parameters()
+        if bad:
+            return f"parameter(s) {bad} are not finite"
+        try:
+            with pyro.validation_enabled(False), torch.no_grad():
+                guide_trace = poutine.trace(self.stage_guide).get_trace(batch)
+                model_trace = poutine.trace(poutine.replay(self.stage_model, trace=guide_trace)).get_trace(batch)
+        except Exception:  # noqa: BLE001 - a diagnosis must never hide the original failure
+            return None
+        for role, trace in (("guide", guide_trace), ("model", model_trace)):
+            for name, site in trace.nodes.items():
+                if site["type"] == "sample":
+                    problem = _site_problem(site)
+                    if problem:
+                        return f"{role} sample site '{name}': {problem}"
+        return None
+
+    def _check_gradients(self, stage: Stage, n_batches: int) -> None:
+        """Refuse an optimiser step with non-finite gradients (it would make parameters NaN)."""
+        grads = [p.grad for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all()):
+            return
+        bad = [self._param_names.get(id(p), "?") for g in self._optimizer.param_groups for p in g["params"]
+               if p.grad is not None and not torch.isfinite(p.grad).all()]
+        raise self._diverged(stage, n_batches, f"the gradient of parameter(s) {bad} is not finite")
+
+    def _check_epoch(self, stage: Stage, record: dict) -> None:
+        """After an epoch: the parameters are finite and the loss has not exploded."""
+        bad = self._nonfinite_parameters()
+        if bad:
+            raise self._diverged(stage, None, f"parameter(s) {bad} are not finite at the end of the epoch")
+        first = self.history[0]["loss"] if self.history else record["loss"]
+        if math.isfinite(first) and record["loss"] > LOSS_EXPLOSION_FACTOR * max(abs(first), 1.0):
+            terms = {k: v for k, v in record.items()
+                     if isinstance(v, float) and k not in ("loss", "cells_per_s", "factor_change")}
+            largest = max(terms, key=lambda k: abs(terms[k])) if terms else "loss"
+            raise self._diverged(stage, None, f"the loss exploded from {first:.4g} per cell (first epoch) to "
+                                 f"{record['loss']:.4g} (largest term: {largest})")
 
     def history_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.history)
@@ -255,6 +345,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write parameters, module state, optimiser state, position, RNG state and history."""
         if self.checkpoint_dir is None:
+            return
+        if self._nonfinite_parameters():  # a checkpoint always holds finite parameters
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         state = {
@@ -269,24 +361,118 @@ class Trainer:
             "stages": [s.to_dict() for s in self.stages],
             "training_config": asdict(self.config),
             "donor_index": _donor_dict(self.dataset),
+            "run": self.run_info,
         }
         tmp = self.checkpoint_path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(self.checkpoint_path)
+        self._checkpoint_epoch = self._position["epoch"] - 1
 
     def load_checkpoint(self) -> None:
+        """Restore the state saved by :meth:`save_checkpoint`; a RunDirectoryError when there is
+        none or when it was made by another model, config, schedule, training settings or donors."""
         path = self.checkpoint_path
         if path is None or not path.exists():
-            raise FileNotFoundError(f"no checkpoint to resume from at {path}; run without resume first")
+            raise RunDirectoryError(
+                path if path is not None else "<trainer>", "resume",
+                "no checkpoint to resume from" + ("" if path is not None else " (no checkpoint_dir)"),
+                "run without resume to start training (drop --resume on the CLI, resume=False in Python)")
         state = torch.load(path, weights_only=False)
-        if state["model_class"] != type(self.model).__name__ or state["model_config"] != self.model.config:
-            raise ValueError(f"{path}: the checkpoint is of a {state['model_class']} with config "
-                             f"{state['model_config']}, not of this model; use a fresh checkpoint directory")
+        differ = []
+        if state["model_class"] != type(self.model).__name__:
+            differ.append(f"model class: {state['model_class']} in the checkpoint, {type(self.model).__name__} now")
+        else:
+            differ += [f"model config {k}: {a!r} in the checkpoint, {b!r} now"
+                       for k, a, b in _differences(state["model_config"], self.model.config)]
+        stored_config = {k: v for k, v in state.get("training_config", {}).items() if k not in RESUMABLE_CHANGES}
+        config = {k: v for k, v in asdict(self.config).items() if k not in RESUMABLE_CHANGES}
+        differ += [f"training setting {k}: {a!r} in the checkpoint, {b!r} now"
+                   for k, a, b in _differences(stored_config, config)]
+        stages = [s.to_dict() for s in self.stages]
+        if "stages" in state and state["stages"] != stages:
+            differ.append(f"training stages: {_stage_summary(state['stages'])} in the checkpoint, "
+                          f"{_stage_summary(stages)} now")
+        if differ:
+            raise RunDirectoryError(
+                path, "resume", "the checkpoint was made with other settings: " + "; ".join(differ),
+                "resume with the settings of the checkpoint, or use a fresh checkpoint directory "
+                "(another --out / out=, or --overwrite / overwrite=True to discard it)")
         if state["donor_index"] != _donor_dict(self.dataset):
-            raise ValueError(f"{path}: the checkpoint was trained on other donors than this dataset's")
+            raise RunDirectoryError(
+                path, "resume", "the checkpoint was trained on other donors than this dataset's",
+                "resume with the data the checkpoint was trained on, or use a fresh checkpoint directory")
         self.model.load_state_dict(state["model_state"])
         self._position = state["position"]
         self._stop_state = state["stop_state"]
         self.history = state["history"]
         self._pending_optimizer_state = state["optimizer_state"]
+        self._checkpoint_epoch = self._position["epoch"] - 1 if self._position["epoch"] else None
         _set_rng_state(state["rng"])
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The state dict stored by :meth:`Trainer.save_checkpoint` (CPU tensors)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=False)
+
+
+def _differences(stored: dict, now: dict) -> list[tuple[str, object, object]]:
+    """``(key, stored, now)`` for every key whose value differs (lists and tuples compare alike)."""
+    def norm(v):
+        if isinstance(v, (list, tuple)):
+            return [norm(x) for x in v]
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()}
+        return v
+    missing = object()
+    out = []
+    for k in list(stored) + [k for k in now if k not in stored]:
+        a, b = stored.get(k, missing), now.get(k, missing)
+        if norm(a) != norm(b):
+            out.append((k, None if a is missing else a, None if b is missing else b))
+    return out
+
+
+def _stage_summary(stages: list[dict]) -> str:
+    return ", ".join(f"{s['name']} ({s['epochs']} epochs)" for s in stages)
+
+
+def _numerical(err: Exception) -> bool:
+    """Whether an exception raised inside the ELBO is a numerical failure of training."""
+    if isinstance(err, torch.linalg.LinAlgError):
+        return True
+    text = str(err)
+    return text.startswith("Expected parameter") or ("found invalid values" in text
+                                                     and "Expected value argument" not in text)
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def _site_problem(site: dict) -> str | None:
+    """What is numerically wrong at a traced sample site: a non-finite or out-of-support
+    distribution argument, or (latent sites) a non-finite sampled value; None if nothing."""
+    fn = site["fn"]
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    for pname, constraint in getattr(fn, "arg_constraints", {}).items():
+        value = fn.__dict__.get(pname)  # only stored arguments (no lazy conversions)
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        finite = torch.isfinite(value)
+        if not finite.all():
+            n = int((~finite).sum())
+            return (f"argument {pname} of its {type(fn).__name__} distribution has {n:,} non-finite "
+                    f"value(s) of {value.numel():,}")
+        try:
+            ok = constraint.check(value)
+        except Exception:  # noqa: BLE001 - constraints that cannot check a plain tensor
+            continue
+        if not bool(ok.all()):
+            return (f"argument {pname} of its {type(fn).__name__} distribution is outside its support "
+                    f"({constraint}) in {int((~ok).sum()):,} value(s)")
+    value = site.get("value")
+    if not site.get("is_observed") and isinstance(value, torch.Tensor) and value.is_floating_point():
+        if not torch.isfinite(value).all():
+            return f"its sampled value has {int((~torch.isfinite(value)).sum()):,} non-finite entries"
+    return None
