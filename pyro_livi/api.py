@@ -24,7 +24,7 @@ from .errors import InputError
 from .infer import Trainer, TrainingConfig, seed_everything
 from .models import model_class
 from .persistence import load_model, save_model
-from .run import build_model, split_options
+from .run import build_model, split_options, training_split
 
 
 class Model:
@@ -78,18 +78,25 @@ class Model:
         return f"Model({self.name}, {self.dataset!r}, {state})"
 
     # ------------------------------------------------------------------------------ training
-    def train(self, max_epochs: int = 200, *, batch_size: int = 1024, lr: float = 8e-4,
-              patience: int | None = 20, seed: int = 0, device: str = "cpu", progress: bool = True,
-              checkpoint_dir=None, resume: bool = False, **schedule_options) -> pd.DataFrame:
+    def train(self, max_epochs: int = 200, *, train_size: float | None = None, batch_size: int = 1024,
+              lr: float = 8e-4, patience: int | None = 20, seed: int = 0, device: str = "cpu",
+              progress: bool = True, checkpoint_dir=None, resume: bool = False, **schedule_options) -> pd.DataFrame:
         """Train on the model's default schedule (``max_epochs``: its last stage); returns and
-        keeps the history (one row per epoch). ``schedule_options`` (e.g. the LIVI family's
-        ``epochs_vae``) override those given at construction."""
+        keeps the history (one row per epoch, with ``validation_loss`` when cells are held out).
+        ``train_size``: fraction of cells trained on (seeded split; None: the model's default,
+        0.9, or 1.0 for the LIVI family); the held-out positions are kept in
+        ``self.validation``. ``schedule_options`` (e.g. the LIVI family's ``epochs_vae``)
+        override those given at construction."""
         cls = model_class(self.name)
         options = {**self._schedule_options, **schedule_options}
         _, schedule = split_options(self.name, options)
         stages = cls.default_stages(epochs=max_epochs, patience=patience, **schedule)
         config = TrainingConfig(batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress)
-        trainer = Trainer(self.module, self.dataset, stages, config, checkpoint_dir=checkpoint_dir)
+        train_size = cls.default_train_size if train_size is None else train_size
+        train, self.validation = training_split(self.dataset.n_cells, train_size, seed)
+        held = self.dataset.subset(self.validation) if len(self.validation) else None
+        trainer = Trainer(self.module, self.dataset.subset(train) if held is not None else self.dataset, stages,
+                          config, checkpoint_dir=checkpoint_dir, validation=held)
         self.history = trainer.fit(resume=resume)
         self.module.to("cpu")
         return self.history

@@ -8,8 +8,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from .analysis.heldout import split_cells
 from .analysis.latents import output_tables
 from .analysis.plots import plot_loss_curves
 from .data import DatasetSpec, read_dataset
@@ -18,6 +20,10 @@ from .infer import Trainer, TrainingConfig, seed_everything
 from .models import model_class
 from .persistence import MODEL_FILE, save_model
 from .rundir import CHECKPOINT_DIR, check_same_data, data_fingerprint, prepare_run_dir
+
+#: cells of a run's training / validation split (RUN_DIR/split.tsv: cell id -> "train" or "validation")
+SPLIT_FILE = "split.tsv"
+
 
 @dataclass
 class FitResult:
@@ -28,6 +34,8 @@ class FitResult:
     history: pd.DataFrame
     tables: dict = field(default_factory=dict)
     run_dir: Path | None = None
+    #: cell positions (in ``dataset``) held out of training for validation; empty without a split
+    validation: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def split_options(name: str, options: dict) -> tuple[dict, dict]:
@@ -63,6 +71,18 @@ def build_model(name: str, dataset, **options):
     return cls.from_dataset(dataset, counts_sample=counts_sample, **model_options)
 
 
+def training_split(n_cells: int, train_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, validation)`` cell positions: a seeded split keeping ``train_size`` of the cells
+    for training (:func:`pyro_livi.analysis.heldout.split_cells`); every cell trains when
+    ``train_size`` is 1. Raises InputError outside (0, 1]."""
+    if not 0.0 < float(train_size) <= 1.0:
+        raise InputError("<arguments>", "train_size", f"must be in (0, 1], got {train_size}",
+                         "give the fraction of cells to train on, e.g. 0.9 (--train-size on the CLI)")
+    if float(train_size) == 1.0:
+        return np.arange(n_cells, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return split_cells(n_cells, 1.0 - float(train_size), seed)
+
+
 def fit(
     data,
     *,
@@ -76,6 +96,7 @@ def fit(
     label_keys=(),
     epochs: int = 200,
     patience: int | None = 20,
+    train_size: float | None = None,
     batch_size: int = 1024,
     lr: float = 8e-4,
     seed: int = 0,
@@ -93,7 +114,11 @@ def fit(
     ``optional_modalities`` lists modalities some cells lack, ``continuous_modalities`` those
     holding normalised values instead of raw counts. ``donor_key`` is needed by models with
     donor factors only. ``epochs`` is the maximum length of the model's last stage (the donor
-    stage of the LIVI family), ``patience`` its early stopping (None: none). ``options`` are the
+    stage of the LIVI family), ``patience`` its early stopping (None: none). ``train_size``:
+    fraction of cells trained on (seeded split); the others are validation cells whose loss is
+    recorded every epoch (``validation_loss``) and watched by early stopping, as in
+    scvi-tools. None takes the model's ``default_train_size`` (0.9; 1.0 for the LIVI family,
+    whose donor factors use every cell, as the paper). ``options`` are the
     model's own (its ``options``, e.g. ``n_cell_state=15, n_dxc=100`` for LIVI,
     ``n_latent=10`` for scvi), ``likelihoods={"prot": "nb_mixture"}``, and its schedule options
     (the LIVI family: ``epochs_vae``, ``warmup_epochs_G``, ``persistent_in_vae_stage``,
@@ -115,8 +140,9 @@ def fit(
                        optional_modalities=list(optional_modalities),
                        continuous_modalities=list(continuous_modalities))
     declared = {k: o.default for k, o in cls.options.items()}
-    arguments = dict(model=model, epochs=epochs, patience=patience, batch_size=batch_size,
-                     lr=lr, seed=seed, **{**declared, **options})
+    train_size = cls.default_train_size if train_size is None else float(train_size)
+    arguments = dict(model=model, epochs=epochs, patience=patience, train_size=train_size,
+                     batch_size=batch_size, lr=lr, seed=seed, **{**declared, **options})
     run_info = {"arguments": json.loads(json.dumps(arguments, default=str)), "spec": spec.to_dict(),
                 "data": None if not isinstance(data, (str, Path)) else str(data)}
     if out is not None:
@@ -129,12 +155,13 @@ def fit(
     net = build_model(model, dataset, **model_options)
     stages = cls.default_stages(epochs=epochs, patience=patience, **schedule)
     config = TrainingConfig(batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress)
-    trainer = Trainer(net, dataset, stages, config,
+    train, validation = training_split(dataset.n_cells, train_size, seed)
+    trainer = Trainer(net, dataset.subset(train) if len(validation) else dataset, stages, config,
                       checkpoint_dir=Path(out) / CHECKPOINT_DIR if out is not None else None,
-                      run_info=run_info)
+                      run_info=run_info, validation=dataset.subset(validation) if len(validation) else None)
     history = trainer.fit(resume=resume)
     net.to("cpu")
-    result = FitResult(model=net, dataset=dataset, history=history)
+    result = FitResult(model=net, dataset=dataset, history=history, validation=validation)
     if out is not None:
         write_run_dir(result, out, spec=spec.to_dict(), arguments=arguments)
     return result
@@ -163,6 +190,12 @@ def write_run_dir(result: FitResult, out: str | Path, *, spec: dict | None = Non
     result.history.to_csv(out / "history.tsv", sep="\t", index=False)
     plot_loss_curves(result.history, out / "loss_curve.png")
     written = [MODEL_FILE, *(f"{name}.tsv" for name in tables), "history.tsv", "loss_curve.png", "run.json"]
+    if len(result.validation):
+        held = np.zeros(dataset.n_cells, dtype=bool)
+        held[result.validation] = True
+        pd.DataFrame({"set": np.where(held, "validation", "train")},
+                     index=pd.Index(dataset.obs_names, name="cell")).to_csv(out / SPLIT_FILE, sep="\t")
+        written.append(SPLIT_FILE)
     (out / "run.json").write_text(json.dumps({**(arguments or {}), "outputs": written}, indent=2, default=str))
     result.tables, result.run_dir = tables, out
     return out

@@ -86,3 +86,23 @@ def test_bad_inputs_exit_with_a_message(fitted, tmp_path, capsys):
                  "--out", str(tmp_path / "z")])
     assert code == 2
     assert "features" in capsys.readouterr().err
+
+
+def test_evaluate_a_donor_free_run_scores_reconstruction_on_its_validation_cells(fitted, tmp_path):
+    """A scVI run (no donor key) holds out 10% of the cells; evaluate reports the reconstruction
+    of exactly those cells, and without labels or donors stands in Leiden clusters."""
+    _, data, _ = fitted
+    run = tmp_path / "run"
+    assert main(["fit", "--model", "scvi", "--data", str(data), "--epochs", "2", "--batch-size", "64",
+                 "--n-latent", "3", "--n-hidden", "16", "--out", str(run)]) == 0
+    split = pd.read_csv(run / "split.tsv", sep="\t", index_col=0)["set"]
+    assert (split == "validation").sum() == 20  # 10% of 200 cells
+    assert "validation_loss" in pd.read_csv(run / "history.tsv", sep="\t").columns
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--run", str(run), "--data", str(data), "--no-umap", "--ppc-cells", "40",
+                 "--ppc-samples", "3", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "20 validation cells the model did not train on" in report and "leiden_pca15" in report
+    metrics = pd.read_csv(out / "metrics.tsv", sep="\t")
+    n_cells = metrics[(metrics.section == "reconstruction") & (metrics.metric == "n_cells")]["value"]
+    assert list(n_cells) == [20]

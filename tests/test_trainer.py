@@ -176,3 +176,26 @@ def test_kl_warmup_scales_the_kl_terms_of_a_stage(data):
     assert warmed["kl_z"].iloc[0] == 0.0 and plain["kl_z"].iloc[0] > 0
     terms = [c for c in warmed.columns if c.startswith(("nll_", "kl_"))]
     assert np.allclose(warmed[terms].sum(axis=1), warmed["loss"])
+
+
+def test_validation_cells_are_scored_without_changing_training(data):
+    """Held-out cells get a loss per epoch; training on the other cells is exactly what it is
+    without them (their scoring draws from its own random stream); early stopping watches them."""
+    train, held = data.subset(np.arange(100)), data.subset(np.arange(100, 120))
+    stage = [Stage("base", 3, train=("encoder", "decoder"))]
+    plain = Trainer(make_model(data), train, stage, config()).fit()
+    scored = Trainer(make_model(data), train, stage, config(), validation=held).fit()
+    pd.testing.assert_frame_equal(plain.drop(columns="cells_per_s"),
+                                  scored.drop(columns=["cells_per_s", "validation_loss"]))
+    assert np.isfinite(scored["validation_loss"]).all() and scored["validation_loss"].iloc[-1] > 0
+    stop = EarlyStopping(patience=1, min_delta=0.0)
+    watched = []
+
+    class Spy(Trainer):
+        def _stalled(self, stop, loss, before, after):
+            watched.append(loss)
+            return super()._stalled(stop, loss, before, after)
+
+    history = Spy(make_model(data), train, [Stage("base", 2, train=("encoder", "decoder"), early_stopping=stop)],
+                  config(), validation=held).fit()
+    assert watched == list(history["validation_loss"])

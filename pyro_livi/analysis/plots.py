@@ -10,12 +10,16 @@ from matplotlib.figure import Figure
 
 
 def plot_loss_curves(history: pd.DataFrame, path: str | Path) -> Path:
-    """Total per-cell loss and each ELBO term / penalty per epoch, stages shaded. Writes a PNG."""
+    """Total per-cell loss (and the validation cells' loss when recorded) and each ELBO term /
+    penalty per epoch, stage starts marked. Writes a PNG."""
     terms = [c for c in history.columns if c.startswith(("nll_", "kl_", "penalty_"))]
     fig = Figure(figsize=(11, 4))
     FigureCanvasAgg(fig)  # draws off-screen: the caller's pyplot backend is left alone
     axes = fig.subplots(1, 2)
-    axes[0].plot(history["epoch"], history["loss"], color="black")
+    axes[0].plot(history["epoch"], history["loss"], color="black", label="training cells")
+    if "validation_loss" in history.columns:
+        axes[0].plot(history["epoch"], history["validation_loss"], color="tab:orange", label="validation cells")
+        axes[0].legend(fontsize=7, loc="upper right")
     axes[0].set(title="loss (per cell)", xlabel="epoch", ylabel="-ELBO + penalties")
     for term in terms:
         values = history[term]

@@ -71,6 +71,7 @@ class Evaluation:
 
 
 def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None, history=None,
+             heldout_cells=None,
              n_pcs: int = 15, probe_seeds=(0, 1, 2, 3, 4), n_neighbors: int = 15,
              resolutions=DEFAULT_RESOLUTIONS, ppc_cells: int = 1000, ppc_samples: int = 20,
              umap: bool = True, seed: int = 0, context: dict | None = None) -> Evaluation:
@@ -89,6 +90,9 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
         donor leakage). Without donors the isolated-label silhouette has no batches and the
         report has no donor-leakage line.
     history : training history (loss curve), optional.
+    heldout_cells : ids of cells the model did not train on (a run's validation split); the
+        reconstruction NLL is computed on those of them in ``dataset``. None: on every cell,
+        training cells included, as the report then says.
     n_pcs : principal components of the baseline latent.
     probe_seeds, n_neighbors, resolutions : probe and graph-metric settings.
     ppc_cells, ppc_samples : cells (a seeded random subset) and replicates of the posterior
@@ -154,7 +158,13 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
     timings["graph_metrics"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    nll_features = heldout_nll(model, dataset)
+    heldout = None
+    if heldout_cells is not None:
+        heldout = np.flatnonzero(np.asarray(dataset.obs_names.isin(pd.Index(heldout_cells))))
+        if heldout.size == 0:
+            raise InputError(dataset.source, "heldout_cells", "none of the held-out cells is among the evaluated "
+                             "cells", "evaluate on the data the run was fitted on (without --n-cells, or more cells)")
+    nll_features = heldout_nll(model, dataset, heldout)
     nll = nll_summary(nll_features)
     for modality, series in nll_features.items():
         series.to_frame().to_csv(out / f"nll_{modality}.tsv", sep="\t")
@@ -188,6 +198,9 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
     if labels[0] not in dataset.obs.columns:
         context = {**(context or {}), "labels": f"none given; `{labels[0]}` is the Leiden clustering "
                    f"(resolution 1) of the {baseline} baseline's kNN graph, which favours that baseline"}
+    context = {**(context or {}), "reconstruction cells": (
+        f"{len(heldout)} validation cells the model did not train on" if heldout is not None else
+        "every evaluated cell, training cells included (the run has no validation split)")}
     context = {"cells evaluated": dataset.n_cells,
                "donors": "none" if donors is None else int(np.unique(donors).size),
                "features": ", ".join(f"{m}: {g}" for m, g in dataset.n_features.items()),
@@ -284,8 +297,8 @@ def write_report(evaluation: Evaluation, path, *, donor_key: str | None, n_pcs: 
     lines += ["", "## Reconstruction", "",
               "Negative log-likelihood (nats) of the evaluated cells under the model's own "
               "observation sites, every latent at its posterior mean; per cell (sum over "
-              "features) and per feature and cell. These are held-out values only for cells the "
-              "model was not trained on.", "",
+              "features) and per feature and cell, on the cells named under 'reconstruction cells' "
+              "above (held-out values only when they are validation cells).", "",
               _markdown_table(ev.nll.reset_index())]
     lines += ["", "## Posterior predictive checks", "",
               f"{ppc_samples} replicated data sets of {ppc_cells} cells drawn from the model "

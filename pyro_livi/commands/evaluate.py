@@ -20,7 +20,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         "index and covariate categories, and evaluate the model: logistic-regression probes "
         "from the cell state to each label (and from 15 PCs of log-normalised counts as a "
         "baseline), graph metrics (ARI, NMI, silhouette, graph connectivity, isolated-label "
-        "silhouette), reconstruction NLL, posterior predictive checks and UMAPs. Writes "
+        "silhouette), reconstruction NLL (on the run's validation cells when it has a split), "
+        "posterior predictive checks and UMAPs. Writes "
         "OUT/report.md, OUT/metrics.tsv and PNGs.",
     )
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="directory written by `pyro-livi fit`")
@@ -48,12 +49,14 @@ def load_run(run_dir, data, *, donor_key: str | None = None, label_keys=None):
 
     The data are read with the run's modalities and layers, its donor index (when it has
     donors) and covariate categories; ``label_keys`` (default: the run's) are kept in
-    ``dataset.obs``.
+    ``dataset.obs``. ``meta["validation_cells"]`` holds the ids of the run's validation cells
+    when it has a split (``split.tsv``).
     """
     import pandas as pd
 
     from ..data import DatasetSpec, read_dataset
     from ..persistence import MODEL_FILE, load_model
+    from ..run import SPLIT_FILE
 
     run_dir = Path(run_dir)
     if not (run_dir / MODEL_FILE).is_file():
@@ -85,6 +88,10 @@ def load_run(run_dir, data, *, donor_key: str | None = None, label_keys=None):
                              "evaluate on data with the same features in the same order")
     history_path = run_dir / "history.tsv"
     history = pd.read_csv(history_path, sep="\t") if history_path.is_file() else None
+    split_path = run_dir / SPLIT_FILE
+    if split_path.is_file():
+        split = pd.read_csv(split_path, sep="\t", index_col=0)["set"]
+        meta["validation_cells"] = split.index[split == "validation"].astype(str)
     return model, dataset, history, meta
 
 
@@ -106,7 +113,8 @@ def run(args) -> int:
         torch.manual_seed(args.seed)
         evaluation = evaluate(
             model, dataset, args.out, label_keys=dataset.spec.label_keys,
-            donor_key=dataset.spec.donor_key, history=history, n_pcs=args.n_pcs,
+            donor_key=dataset.spec.donor_key, history=history, heldout_cells=meta.get("validation_cells"),
+            n_pcs=args.n_pcs,
             ppc_cells=args.ppc_cells, ppc_samples=args.ppc_samples, umap=not args.no_umap,
             seed=args.seed, context={"run": str(args.run), "model": meta["model"]})
     except InputError as err:

@@ -13,12 +13,16 @@ class EarlyStopping:
     more than ``min_delta`` (relative) **and** every watched parameter (e.g. the donor factors
     ``D_loc``, ``V_loc``) moved by less than ``factor_tol`` relative to its norm. Watching the
     factors keeps a stage going while the donor embeddings still move under a flat loss.
+    ``monitor``: the loss watched, ``"validation_loss"`` (the held-out cells' loss),
+    ``"loss"`` (the training loss) or ``"auto"`` (the held-out loss when the trainer has
+    held-out cells, as scvi-tools, else the training loss).
     """
 
     patience: int = 20
     min_delta: float = 1e-4
     watch: tuple[str, ...] = ()
     factor_tol: float = 1e-3
+    monitor: str = "auto"
 
 
 @dataclass

@@ -83,6 +83,9 @@ class Trainer:
     ``run_info`` (optional, JSON-like) is stored in the checkpoint, e.g. the arguments and data
     spec of :func:`pyro_livi.run.fit`, which compares them before resuming.
     ``callbacks`` are called as ``callback(trainer, record)`` after each epoch.
+    ``validation`` (optional) holds cells the model does not train on: after every epoch their
+    loss per cell (the same terms, the guide's sample, dropout off, the training RNG untouched)
+    is recorded as ``validation_loss``, and early stopping watches it (``monitor="auto"``).
 
     Every numerical failure (a NaN/inf loss term, parameter, gradient or distribution argument,
     or a loss that grew :data:`LOSS_EXPLOSION_FACTOR`-fold) raises a
@@ -91,9 +94,11 @@ class Trainer:
     """
 
     def __init__(self, model, dataset, stages: list[Stage], config: TrainingConfig | None = None,
-                 checkpoint_dir: str | Path | None = None, callbacks=(), run_info: dict | None = None):
+                 checkpoint_dir: str | Path | None = None, callbacks=(), run_info: dict | None = None,
+                 validation=None):
         self.model = model
         self.dataset = dataset
+        self.validation = validation if validation is not None and validation.n_cells else None
         self.stages = list(stages)
         self.config = config or TrainingConfig()
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -194,12 +199,15 @@ class Trainer:
                     before = self._watched(stage.early_stopping)
                     record = self._run_epoch(stage, loader, n_cells, device)
                     self._check_epoch(stage, record)
+                    if self.validation is not None:
+                        record["validation_loss"] = self._validation_loss(stage, device)
                     for group in self._optimizer.param_groups:
                         group["lr"] *= stage.lr_decay ** (1.0 / stage.epochs)
                     after = self._watched(stage.early_stopping)
                     stopped = False
                     if stage.early_stopping is not None:
-                        stopped = self._stalled(stage.early_stopping, record["loss"], before, after)
+                        stopped = self._stalled(stage.early_stopping, self._monitored(stage, record),
+                                                before, after)
                         record["factor_change"] = self._stop_state["factor_change"]
                     self.history.append(record)
                     self._position["epoch_in_stage"] += 1
@@ -270,6 +278,34 @@ class Trainer:
         return {"stage": stage.name, "epoch": self._position["epoch"],
                 "loss": sum(per_cell.values()), **per_cell, **warmup,
                 "cells_per_s": n_cells / elapsed}
+
+    def _monitored(self, stage: Stage, record: dict) -> float:
+        """The loss early stopping watches in this epoch (see :class:`EarlyStopping`)."""
+        monitor = stage.early_stopping.monitor
+        if monitor == "auto":
+            monitor = "validation_loss" if "validation_loss" in record else "loss"
+        if monitor not in record:
+            raise ValueError(f"stage {stage.name!r}: early stopping monitors {monitor!r}, which is not "
+                             "recorded (validation_loss needs held-out cells)")
+        return record[monitor]
+
+    @torch.no_grad()
+    def _validation_loss(self, stage: Stage, device) -> float:
+        """Loss per held-out cell: each batch's terms estimate the sum over all held-out cells,
+        so they are weighted by the batch's share of the cells."""
+        cells = self.validation
+        total = 0.0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+                torch.manual_seed(self.config.seed + self._position["epoch"])
+                for batch in MinibatchLoader(cells, batch_size=self.config.batch_size, shuffle=False):
+                    terms = elbo_terms(self.stage_model, self.stage_guide, batch.to(device))
+                    total += float(sum(terms.values())) * batch.size / cells.n_cells
+        finally:
+            self.model.train(was_training)
+        return total / cells.n_cells
 
     # ------------------------------------------------------------ numerical failures
     def _diverged(self, stage: Stage, n_batches: int | None, what: str) -> TrainingDivergedError:

@@ -167,6 +167,8 @@ class ZooModel(PyroModule):
     outputs: tuple[str, ...] = ("latent", "dispersions")
     latent_name: str = "latent"
     latent_site: str = "z"
+    #: fraction of cells trained on by default; the rest are validation cells (scvi-tools: 0.9)
+    default_train_size: float = 0.9
     modalities: tuple[str, ...] = ()
     param_groups: dict[str, str] = {}
     components_all: tuple[str, ...] = ()

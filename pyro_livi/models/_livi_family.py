@@ -95,6 +95,8 @@ class LIVIFamily:
     outputs = LIVI_OUTPUTS
     latent_name = "cell_state"
     latent_site = "c"
+    #: the donor factors use every cell (the paper trains on all cells)
+    default_train_size = 1.0
     default_stages = classmethod(livi_default_stages)
 
 
