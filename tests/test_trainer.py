@@ -199,3 +199,18 @@ def test_validation_cells_are_scored_without_changing_training(data):
     history = Spy(make_model(data), train, [Stage("base", 2, train=("encoder", "decoder"), early_stopping=stop)],
                   config(), validation=held).fit()
     assert watched == list(history["validation_loss"])
+
+
+def test_progress_bar_falls_back_to_text_without_ipywidgets(monkeypatch):
+    import importlib
+    import importlib.util
+
+    import tqdm.std
+
+    import pyro_livi.progress as progress
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ipywidgets" else real(name, *a))
+    assert importlib.reload(progress).tqdm is tqdm.std.tqdm
+    monkeypatch.undo()
+    importlib.reload(progress)

@@ -77,6 +77,9 @@ def register(subparsers, argv=None) -> None:
     p.add_argument("--lr", type=float, default=8e-4, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, minibatches and sampling")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice, one per core); 1 is often as fast for "
+                   "small models and never slower on a busy machine")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in RUN_DIR from its checkpoint (RUN_DIR/checkpoints); the "
                    "settings must be those of that run")
@@ -107,9 +110,17 @@ def _names(text: str) -> list[str]:
 
 
 def run(args) -> int:
+    import torch
+
+    from ..errors import InputError
     from ..models import MODELS
     from ..run import fit
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError("<arguments>", "--threads", f"must be >= 1, got {args.threads}",
+                             "give a number of threads, e.g. --threads 1")
+        torch.set_num_threads(args.threads)
     cls = MODELS[args.model]
     default = "rna" if cls.data_needs.modalities[1] == 1 else "rna,prot"
     modalities = _modalities(args.modalities or default, args.layer)

@@ -19,7 +19,7 @@ import pandas as pd
 import pyro
 import pyro.poutine as poutine
 import torch
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..data.loader import MinibatchLoader
 from ..errors import RunDirectoryError, TrainingDivergedError
