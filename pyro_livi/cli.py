@@ -26,10 +26,31 @@ COMMAND_MODULES = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (exit code 2) that names the
+    help to read, instead of the full usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _check_device(parser: argparse.ArgumentParser, args) -> None:
+    """``--device cuda`` on a machine without CUDA: a one-line usage error (exit code 2)."""
+    device = getattr(args, "device", None)
+    if not isinstance(device, str) or device == "cpu":
+        return
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.exit(2, f"pyro-livi {args.command}: error: argument --device: {device!r} "
+                    "requested but CUDA is not available here (torch.cuda.is_available() is "
+                    "False); use --device cpu\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``pyro-livi`` parser. Subcommands whose flags depend on other flags of the command
     line (``fit``: the chosen model's options) take ``argv`` in their ``register``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyro-livi",
         description="A Pyro model zoo for population-scale single-cell data: LIVI and its multimodal "
         "extensions, baselines; fit, test donor factors against genotypes, evaluate.",
@@ -55,10 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    _check_device(parser, args)
     try:
         return int(args.func(args) or 0)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except TrainingDivergedError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -188,7 +188,7 @@ def write_run_dir(result: FitResult, out: str | Path, *, spec: dict | None = Non
     for name, table in tables.items():
         table.to_csv(out / f"{name}.tsv", sep="\t")
     result.history.to_csv(out / "history.tsv", sep="\t", index=False)
-    plot_loss_curves(result.history, out / "loss_curve.png")
+    plot_loss_curves(result.history, out / "loss_curve.png", model=model)
     written = [MODEL_FILE, *(f"{name}.tsv" for name in tables), "history.tsv", "loss_curve.png", "run.json"]
     if len(result.validation):
         held = np.zeros(dataset.n_cells, dtype=bool)

@@ -16,6 +16,7 @@ from scipy import stats
 
 from pyro_livi.analysis.association import (
     RESULT_COLUMNS,
+    SNP_COLUMNS,
     KinshipBasis,
     adjust_pvalues,
     associate_factors,
@@ -51,11 +52,14 @@ def results_schema() -> dict:
 def validate_results_tsv(path) -> pd.DataFrame:
     """Read a results TSV and check it row by row against the JSON schema."""
     schema = results_schema()
-    table = pd.read_csv(path, sep="\t", dtype={"factor": str, "snp": str})
+    table = pd.read_csv(path, sep="\t", dtype={"factor": str, "snp": str, "chrom": str,
+                                                "allele_1": str, "allele_2": str})
     assert list(table.columns) == schema["x-columns"]
     validator = jsonschema.Draft202012Validator(schema)
     for row in table.to_dict("records"):
-        row = {k: (bool(v) if k == "significant" else v) for k, v in row.items()}
+        # an empty cell (NaN when read) is JSON null
+        row = {k: (bool(v) if k == "significant" else
+                   None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
         errors = list(validator.iter_errors(row))
         assert not errors, (row, errors[0].message)
     assert table["significant"].dtype == bool
@@ -263,7 +267,8 @@ def test_computed_kinship_chunks_and_disk(tmp_path):
     with PlinkReader(tmp_path / "g") as reader:
         res_d, _ = associate_factors(F, reader, covariates=cov, chunk_size=11,
                                      loco=False, progress=False)
-    pd.testing.assert_frame_equal(res, res_d, check_exact=False, rtol=1e-8)
+    same = RESULT_COLUMNS + ["chrom", "pos", "maf"]  # the .bim adds alleles the array lacks
+    pd.testing.assert_frame_equal(res[same], res_d[same], check_exact=False, rtol=1e-8)
 
 
 def test_loco_equals_other_chromosome_kinship():
@@ -479,17 +484,76 @@ def test_options_checked():
 def test_results_table_and_schema(tmp_path):
     geno, F, cov, K = make_data()
     res, rep = associate_factors(F, geno, kinship=K, covariates=cov, progress=False)
-    assert list(res.columns) == RESULT_COLUMNS
+    assert RESULT_COLUMNS == ["factor", "snp", "beta", "se", "pvalue", "padj", "significant"]
+    assert SNP_COLUMNS == ["chrom", "pos", "allele_1", "allele_2", "maf"]
+    assert list(res.columns) == RESULT_COLUMNS + SNP_COLUMNS
+    assert results_schema()["x-columns"] == RESULT_COLUMNS + SNP_COLUMNS
     assert rep["n_tests"] == len(res) == 3 * rep["snp_qc"]["n_snps_kept"]
     assert rep["n_significant"] == int((res["padj"] < 0.05).sum())
     res.to_csv(tmp_path / "r.tsv", sep="\t", index=False)
     back = validate_results_tsv(tmp_path / "r.tsv")
-    pd.testing.assert_frame_equal(back, res, check_exact=False, rtol=1e-12)
+    pd.testing.assert_frame_equal(back[RESULT_COLUMNS], res[RESULT_COLUMNS], check_exact=False,
+                                  rtol=1e-12)
+    assert back["chrom"].tolist() == res["chrom"].tolist()
+    assert back["pos"].tolist() == res["pos"].astype(float).tolist()
+    np.testing.assert_allclose(back["maf"], res["maf"], rtol=1e-12)
+    assert back["allele_1"].isna().all() and res["allele_1"].isna().all()  # none in the input
     broken = res.copy()
     broken.loc[0, "pvalue"] = 1.5
     broken.to_csv(tmp_path / "bad.tsv", sep="\t", index=False)
     with pytest.raises(AssertionError):
         validate_results_tsv(tmp_path / "bad.tsv")
+
+
+def test_results_carry_chromosome_position_alleles_and_maf():
+    """Annotation from the genotypes' SNP table (as a PLINK .bim gives it), MAF of the
+    dosages tested (analysed donors only: the factor table lacks five genotyped donors)."""
+    geno, F, cov, K = make_data(m=60, chroms=("1", "2"))
+    snps = geno.snps.assign(allele_1=[f"A{j}" for j in range(60)], allele_2="G")
+    geno = Genotypes(geno.dosages, geno.donors, snps, "synthetic")
+    F = F.iloc[5:]
+    res, _ = associate_factors(F, geno, kinship="identity", progress=False)
+    assert list(res.columns[:7]) == RESULT_COLUMNS and list(res.columns[7:]) == SNP_COLUMNS
+    by_snp = res.drop_duplicates("snp").set_index("snp")
+    j = 7
+    assert by_snp.loc[f"rs{j}", "chrom"] == snps.loc[j, "chrom"]
+    assert by_snp.loc[f"rs{j}", "pos"] == int(snps.loc[j, "pos"])
+    assert (by_snp.loc[f"rs{j}", "allele_1"], by_snp.loc[f"rs{j}", "allele_2"]) == ("A7", "G")
+    freq = geno.dosages[5:, j].mean() / 2
+    assert by_snp.loc[f"rs{j}", "maf"] == pytest.approx(min(freq, 1 - freq))
+    assert res["maf"].between(0.0, 0.5).all()
+    # a dosage table's ALT / REF columns give the counted / other allele
+    snps2 = geno.snps.drop(columns=["allele_1", "allele_2"]).assign(REF="C", ALT="T")
+    res2, _ = associate_factors(F, Genotypes(geno.dosages, geno.donors, snps2, "t"),
+                                kinship="identity", progress=False)
+    assert set(res2["allele_1"]) == {"T"} and set(res2["allele_2"]) == {"C"}
+
+
+def test_manhattan_chromosome_labels_never_overlap():
+    """23 chromosomes where chromosome 1 spans nearly the whole axis: the labels of the
+    small ones would sit on top of each other; the kept labels' rendered extents do not
+    overlap, the first chromosome keeps its label, and the axis says labels were thinned."""
+    from pyro_livi.analysis.gwas_plots import manhattan_figure
+
+    chroms = [str(c) for c in range(1, 23)] + ["X"]
+    rows = [(f"{c}:{k}", c, (k + 1) * (1e6 if c == "1" else 10.0))
+            for c in chroms for k in range(200 if c == "1" else 3)]
+    snps = pd.DataFrame(rows, columns=["snp", "chrom", "pos"])
+    res = pd.DataFrame({"factor": "D_0", "snp": snps["snp"],
+                        "pvalue": np.random.default_rng(0).uniform(size=len(snps)),
+                        "significant": False})
+    for frame in (snps, snps.assign(pos=1.0 + np.arange(len(snps)) * 1e5)):  # crowded, even
+        fig = manhattan_figure(res, frame)
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        shown = [t for t in ax.get_xticklabels() if t.get_text()]
+        boxes = sorted((t.get_window_extent(renderer) for t in shown), key=lambda b: b.x0)
+        assert len(shown) >= 2 and shown[0].get_text() == "1"
+        for left, right in zip(boxes, boxes[1:]):
+            assert left.x1 <= right.x0, (left, right)
+        if frame is snps:
+            assert len(shown) < len(chroms) and "thinned" in ax.get_xlabel()
 
 
 def test_plots(tmp_path):
@@ -531,8 +595,7 @@ def _run_dir(tmp_path):
 
 def test_cli_end_to_end(tmp_path, capsys):
     run, geno = _run_dir(tmp_path)
-    out = tmp_path / "res" / "assoc.tsv"
-    out.parent.mkdir()
+    out = tmp_path / "res" / "assoc.tsv"  # its folder does not exist: created, as fit does
     args = _parser().parse_args([
         "associate", "--run", str(run), "--genotypes", str(tmp_path / "geno"),
         "--covariates", str(tmp_path / "cov.tsv"), "--fdr-method", "storey", "--loco",
@@ -542,6 +605,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "tests: 300 (5 factors x 60 SNPs)" in text and "lambda_gc" in text
     table = validate_results_tsv(out)
     assert set(table["factor"]) == {"D_0", "D_1", "D_2", "V_0", "V_1"}
+    row = table.set_index(["factor", "snp"]).loc[("D_0", "rs3")]  # the .bim's annotation
+    assert (row["chrom"], row["pos"]) == ("1", 3001) and row["allele_1"] and row["allele_2"]
+    freq = geno.dosages[:, 3].mean() / 2
+    assert row["maf"] == pytest.approx(min(freq, 1 - freq))
     for suffix in ("_manhattan.png", "_qq.png"):
         assert (tmp_path / "res" / f"assoc{suffix}").read_bytes()[:4] == b"\x89PNG"
     report = json.loads((tmp_path / "res" / "assoc_report.json").read_text())
@@ -555,8 +622,16 @@ def test_cli_bad_input_message(tmp_path, capsys):
     table = pd.DataFrame(geno.dosages.T, columns=geno.donors)
     table.insert(0, "snp_id", geno.snps["snp"])
     table.to_csv(tmp_path / "dos.csv.gz", index=False)
-    args = _parser().parse_args([
+    args = _parser().parse_args([  # the orientation is detected, and said
         "associate", "--run", str(run), "--genotypes", str(tmp_path / "dos.csv.gz"),
+        "--no-plots", "--out", str(tmp_path / "r.tsv"), "--quiet"])
+    assert args.func(args) == 0
+    assert "genotypes: dosage table read as snps_x_donors" in capsys.readouterr().out
+    neutral = pd.DataFrame(geno.dosages.T, columns=[f"x{k}" for k in range(geno.n_donors)])
+    neutral.insert(0, "id", geno.snps["snp"].str.replace("rs", "v"))
+    neutral.to_csv(tmp_path / "neutral.csv", index=False)  # neither ids nor names decide
+    args = _parser().parse_args([
+        "associate", "--run", str(run), "--genotypes", str(tmp_path / "neutral.csv"),
         "--out", str(tmp_path / "r.tsv"), "--quiet"])
     assert args.func(args) == 2
     assert "--dosage-orientation" in capsys.readouterr().err
@@ -567,3 +642,21 @@ def test_cli_bad_input_message(tmp_path, capsys):
     assert args.func(args) == 0
     assert set(validate_results_tsv(tmp_path / "r.tsv")["factor"]) == {"V_0", "V_1"}
     assert not (tmp_path / "r_qq.png").exists()
+
+
+def test_demo_summary_explains_snps_significant_for_several_factors():
+    """A planted SNP found by two fitted factors (a split factor) makes more significant
+    pairs than SNPs; summary.md says which SNP and factors, and why."""
+    from pyro_livi.demo import _split_factor_text, score_recovery
+
+    results = pd.DataFrame({"factor": ["D_0", "D_1", "V_0", "D_2"], "snp": ["s1", "s1", "s2", "s3"],
+                            "significant": [True, True, True, False]})
+    effects = pd.DataFrame({"snp": ["s1", "s2"], "kind": ["D", "V"]})
+    r = score_recovery(results, effects)
+    assert (r["n_significant_pairs"], r["n_significant_snps"]) == (3, 2)
+    assert r["snps_with_several_factors"] == {"s1": ["D_0", "D_1"]}
+    text = _split_factor_text(r)
+    assert "3 significant pairs but 2 SNPs:** 1 SNP is" in text and "s1: D_0, D_1" in text
+    assert "split factor" in text
+    single = score_recovery(results.iloc[1:], effects)
+    assert "one fitted factor only" in _split_factor_text(single)

@@ -33,7 +33,10 @@ def test_simulate_fit_associate(tmp_path):
     assert main(["associate", "--run", str(run), "--genotypes", str(sim / "genotypes"), "--maf", "0.01",
                  "--out", str(results)]) == 0
     table = pd.read_csv(results, sep="\t")
-    assert list(table.columns) == ["factor", "snp", "beta", "se", "pvalue", "padj", "significant"]
+    assert list(table.columns) == ["factor", "snp", "beta", "se", "pvalue", "padj", "significant",
+                                   "chrom", "pos", "allele_1", "allele_2", "maf"]
+    assert table["chrom"].notna().all() and table["pos"].notna().all()  # from the .bim
+    assert table["allele_1"].notna().all() and table["maf"].between(0.01, 0.5).all()
     assert set(table["factor"]) == {"D_0", "D_1", "D_2", "V_0", "V_1"}
 
 

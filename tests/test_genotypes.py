@@ -164,8 +164,9 @@ def test_read_dosage_table_bad_values(tmp_path):
 def test_read_dosage_table_options_checked(tmp_path):
     path = tmp_path / "t.csv"
     _snps_x_donors_frame().to_csv(path, index=False)
-    with pytest.raises(InputError, match="--dosage-orientation"):
-        read_dosage_table(path)
+    g = read_dosage_table(path)  # detected from the snp_id / CHR / POS columns, and said
+    assert g.donors == ["D1", "D2", "D3"]
+    assert "snps_x_donors" in g.report["notes"][0] and "CHR" in g.report["notes"][0]
     with pytest.raises(InputError, match="orientation"):
         read_dosage_table(path, orientation="rows")
     with pytest.raises(InputError, match="snp_id_column"):
@@ -186,6 +187,56 @@ def test_read_dosage_table_duplicates(tmp_path):
         fh.write("snp_id,D1,D1\nx,0,1\n")
     with pytest.raises(InputError, match="duplicated"):
         read_dosage_table(path, orientation="snps_x_donors")
+
+
+def test_dosage_orientation_is_detected_when_unambiguous(tmp_path):
+    # donors x SNPs: the header after the first column holds SNP ids
+    frame = pd.DataFrame({"IID": ["D1", "D2", "D3"], "rs1": [0, 2, 1], "1:12345": [1.5, 0.5, 0]})
+    path = tmp_path / "dxs.tsv"
+    frame.to_csv(path, sep="\t", index=False)
+    g = read_dosage_table(path, orientation="auto")
+    assert g.donors == ["D1", "D2", "D3"] and g.snps["snp"].tolist() == ["rs1", "1:12345"]
+    assert "donors_x_snps" in g.report["notes"][0] and "rs1" in g.report["notes"][0]
+    # SNPs x donors without annotation columns: the first column holds SNP ids
+    path = tmp_path / "sxd.csv"
+    frame.set_index("IID").T.rename_axis("variant").reset_index().to_csv(path, index=False)
+    g = read_dosage_table(path)
+    assert g.donors == ["D1", "D2", "D3"] and g.snps["snp"].tolist() == ["rs1", "1:12345"]
+    assert "'variant' holds SNP ids" in g.report["notes"][0]
+    # neutral names: only the donors of the factors decide
+    neutral = pd.DataFrame({"id": ["a", "b"], "x1": [0, 1], "x2": [2, 1]})
+    path = tmp_path / "neutral.csv"
+    neutral.to_csv(path, index=False)
+    with pytest.raises(InputError, match="--dosage-orientation"):
+        read_dosage_table(path)
+    g = read_dosage_table(path, donors=["x1", "x2", "x9"])
+    assert g.donors == ["x1", "x2"] and "donor ids of the factors" in g.report["notes"][0]
+    g = read_dosage_table(path, donors=["a", "b"])
+    assert g.donors == ["a", "b"] and g.snps["snp"].tolist() == ["x1", "x2"]
+    # an explicit orientation wins over detection and adds no note
+    g = read_dosage_table(tmp_path / "dxs.tsv", orientation="donors_x_snps")
+    assert g.donors == ["D1", "D2", "D3"] and "notes" not in g.report
+
+
+def test_duplicate_snp_ids_auto_policy(tmp_path):
+    frame = pd.DataFrame({
+        "snp_id": ["a", "b", "a", "c", "c"], "CHR": [1, 1, 1, 2, 2], "POS": [10, 20, 10, 5, 5],
+        "gene_id": ["G1", "G1", "G2", "G3", "G4"], "D1": [0, 1, 0, 2, 1], "D2": [2, 1, 2, 1, 1],
+        "D3": [1, 1, 1, 0, 0]})
+    path = tmp_path / "dup.csv"
+    frame.to_csv(path, index=False)
+    g = read_dosage_table(path, duplicate_snps="auto")
+    # row 3 repeats a's id, position and dosages (another gene): one copy kept; c's two rows
+    # differ in dosages: both kept, the second renamed
+    assert g.snps["snp"].tolist() == ["a", "b", "c", "c#2"]
+    assert g.report["n_repeated_snp_rows_dropped"] == 1
+    assert g.report["n_duplicate_snp_ids_renamed"] == 1
+    notes = " ".join(g.report["notes"])
+    assert "kept one copy" in notes and "renamed id#2" in notes
+    with pytest.raises(InputError, match="make_unique"):  # explicit error still refuses
+        read_dosage_table(path, duplicate_snps="error")
+    g = read_dosage_table(path, duplicate_snps="make_unique")
+    assert g.snps["snp"].tolist() == ["a", "b", "a#2", "c", "c#2"]
 
 
 def test_read_genotypes_dispatch(tmp_path, dosages):

@@ -1,6 +1,8 @@
 """Posterior predictive checks: structure, known p-values, calibration of a true model and
 failure of a wrong one."""
 
+import re
+
 import anndata as ad
 import arviz as az
 import numpy as np
@@ -109,10 +111,83 @@ def test_true_model_is_calibrated_and_poisson_fails_the_variance_check(simulated
         assert true.loc[("rna", statistic), "calibration_error"] < 1.2, true
     # Poisson has variance = mean: the observed (NB) variance is above every replicate
     assert wrong.loc[("rna", "variance"), "frac_ppp_in_interval"] < 0.1, wrong
-    assert wrong.loc[("rna", "variance"), "frac_ppp_low"] > 0.9, wrong
+    assert wrong.loc[("rna", "variance"), "frac_obs_above"] > 0.9, wrong
     assert wrong.loc[("rna", "variance"), "calibration_error"] > 5, wrong
     # ... and it predicts fewer zeros than the data have wherever zeros are common
-    assert wrong.loc[("rna", "zero_fraction"), "frac_ppp_low"] > true.loc[("rna", "zero_fraction"), "frac_ppp_low"]
+    assert wrong.loc[("rna", "zero_fraction"), "frac_obs_above"] > true.loc[("rna", "zero_fraction"),
+                                                                            "frac_obs_above"]
+    # the older names are the same fractions (frac_ppp_low: ppp < 0.025, observed above)
+    pd.testing.assert_series_equal(wrong["frac_ppp_low"], wrong["frac_obs_above"], check_names=False)
+    pd.testing.assert_series_equal(wrong["frac_ppp_high"], wrong["frac_obs_below"], check_names=False)
+
+
+def test_calibration_columns_read_in_the_direction_of_their_names():
+    """Constructed case: of four features, three have observed means above every replicate
+    (the model predicts too little), one below every replicate; frac_obs_above / _below say so,
+    and the report text defines them the same way."""
+    obs = np.array([[5, 5, 5, 0]] * 3)                       # 3 cells x 4 features
+    rep = np.array([[[1, 1, 1, 3]] * 3] * 20)                 # 20 replicates, all identical
+    idata = az.from_dict(posterior_predictive={"obs_x": rep[None]}, observed_data={"obs_x": obs},
+                         dims={"obs_x": ["cell", "feature_x"]})
+    table = feature_statistics(idata, "obs_x")
+    assert (table["mean_obs"] > table["mean_rep_q975"]).tolist() == [True, True, True, False]
+    calibration = ppc_calibration({"x": table}).loc[("x", "mean")]
+    assert calibration["frac_obs_above"] == pytest.approx(0.75)
+    assert calibration["frac_obs_below"] == pytest.approx(0.25)
+    assert calibration["frac_ppp_in_interval"] == 0.0
+    import inspect
+
+    from pyro_livi.analysis import report
+
+    text = inspect.getsource(report.write_report)
+    assert "`frac_obs_above`: fraction of" in text and "above the predictions (ppp < 0.025)" in text
+    assert "`frac_obs_below`: " in text and "below them (ppp > 0.975)" in text
+
+
+def test_loss_curve_labels_weighted_and_log_prior_terms_and_keeps_legends_off_the_curves(tmp_path):
+    from types import SimpleNamespace
+
+    from matplotlib.figure import Figure
+
+    from pyro_livi.analysis import plots
+
+    terms = ["nll_obs_rna", "nll_obs_prot", "kl_c", "kl_D", "kl_V", "penalty_l1"]
+    model = SimpleNamespace(modality_weights={"rna": 1.0, "prot": 50.0}, donor_guide="delta")
+    labels = plots.term_labels(terms, model)
+    assert labels["nll_obs_rna"] == "nll_obs_rna" and labels["kl_c"] == "kl_c"
+    assert labels["nll_obs_prot"] == "50 x nll_obs_prot (weighted)"
+    assert labels["kl_D"].startswith("-log prior(D)") and "not a KL" in labels["kl_V"]
+    normal = plots.term_labels(terms, SimpleNamespace(modality_weights={}, donor_guide="normal"))
+    assert normal["kl_D"] == "kl_D" and normal["nll_obs_prot"] == "nll_obs_prot"
+
+    epochs = np.arange(30)
+    history = pd.DataFrame({"epoch": epochs, "stage": ["vae"] * 10 + ["donor"] * 20,
+                            "loss": 100 - epochs, "validation_loss": 101 - epochs,
+                            **{t: 10.0 + k + epochs for k, t in enumerate(terms)}})
+    seen = {}
+    original = Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        seen["fig"] = fig
+        return original(fig, *args, **kwargs)
+
+    Figure.savefig = keep
+    try:
+        plots.plot_loss_curves(history, tmp_path / "loss.png", model=model)
+    finally:
+        Figure.savefig = original
+    fig = seen["fig"]
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None:
+            continue
+        box = legend.get_window_extent(renderer)
+        assert not box.overlaps(ax.get_window_extent(renderer)), ax.get_title()
+    legend_texts = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert "50 x nll_obs_prot (weighted)" in legend_texts
+    assert any(t.startswith("-log prior(D)") for t in legend_texts)
+    assert (tmp_path / "loss.png").stat().st_size > 0
 
 
 def test_bad_num_samples(simulated):
@@ -168,3 +243,27 @@ def test_every_zoo_model_through_its_sites(cite_like, name):
         rep = idata.posterior_predictive[f"obs_{modality}"].values
         absent = ~data.present[modality][:40]
         assert np.isnan(rep[..., absent, :]).all() and not np.isnan(rep[..., ~absent, :]).any()
+
+
+def test_evaluate_prints_a_line_per_step_with_its_time(cite_like, tmp_path, capsys, monkeypatch):
+    """`evaluate` is not silent for minutes: each step says when it starts and how long it took.
+    (The graph metrics, tested elsewhere, are stubbed: their first call compiles for ~15 s.)"""
+    from pyro_livi.analysis import report
+    from pyro_livi.analysis.report import evaluate
+    from pyro_livi.run import build_model
+
+    metrics = {"ari": 0.0, "nmi": 0.0, "resolution": 1.0, "n_clusters": 1, "silhouette": 0.0,
+               "graph_connectivity": 0.0, "isolated_label_silhouette": 0.0, "isolated_labels": []}
+    monkeypatch.setattr(report, "knn_graph", lambda *a, **k: None)
+    monkeypatch.setattr(report, "leiden_clusterings", lambda *a, **k: {1.0: np.zeros(1)})
+    monkeypatch.setattr(report, "graph_metrics", lambda *a, **k: dict(metrics))
+
+    data = read_dataset(cite_like.adata, DatasetSpec(modalities={"rna": None}, donor_key="donor",
+                                                     label_keys=["cell_type"]))
+    model = build_model("scvi", data)
+    evaluate(model, data, tmp_path, label_keys=["cell_type"], n_pcs=5, probe_seeds=(0,),
+             resolutions=(1.0,), ppc_cells=40, ppc_samples=2, umap=False)
+    err = capsys.readouterr().err
+    starts = [line for line in err.splitlines() if line.startswith("evaluate [")]
+    assert [line.split("]")[0] for line in starts] == [f"evaluate [{k}/6" for k in range(1, 7)], err
+    assert len(re.findall(r"^  done in \d+\.\d s$", err, flags=re.M)) == 6, err

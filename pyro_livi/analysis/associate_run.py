@@ -4,8 +4,9 @@ A run directory holds ``D.tsv`` and/or ``V.tsv``: tab-separated, first column th
 ids, header the factor names (``D_0, D_1, ...``, ``V_0, ...``). :func:`run_associate`
 reads them, tests every factor against every SNP (:func:`associate_factors`) and writes
 
-- ``RESULTS.tsv``: columns ``factor, snp, beta, se, pvalue, padj, significant``
-  (``data_schemas/association_results.schema.json``),
+- ``RESULTS.tsv``: columns ``factor, snp, beta, se, pvalue, padj, significant, chrom,
+  pos, allele_1, allele_2, maf`` (``data_schemas/association_results.schema.json``; the
+  SNP annotations are empty when the genotypes lack them),
 - ``RESULTS_manhattan.png`` and ``RESULTS_qq.png``,
 - ``RESULTS_report.json``: inputs, options, donor matching, exclusions, QC counts,
   n_tests, n_significant, lambda_gc.
@@ -154,7 +155,7 @@ def output_paths(out) -> dict[str, Path]:
 
 
 def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
-                  dosage_orientation: str | None = None, duplicate_snps: str = "error",
+                  dosage_orientation: str | None = "auto", duplicate_snps: str = "auto",
                   kinship=None, covariates=None, fdr: float = 0.05, fdr_method: str = "bh",
                   factors: Literal["D", "V", "all"] = "all", inverse_normal: bool = False,
                   maf: float = 0.05, loco: bool | None = None, chunk_size: int = 5000,
@@ -168,9 +169,14 @@ def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
         Directory with ``D.tsv`` and/or ``V.tsv``.
     genotypes : path
         PLINK prefix or ``.bed`` (read in chunks; ``variant_count`` when there is no
-        ``.bim``), or a dosage table (``dosage_orientation`` required).
+        ``.bim``), or a dosage table (``dosage_orientation``: ``"auto"`` detects it from
+        the factors' donor ids and the column names; ``duplicate_snps``: ``"auto"`` keeps
+        one copy of repeated rows and renames other repeated ids, see
+        :func:`~pyro_livi.data.genotypes.read_dosage_table`; what was detected is in the
+        report's ``genotype_reader.notes``).
     out : path
-        Results TSV; plots and report are written beside it (:func:`output_paths`).
+        Results TSV; plots and report are written beside it (:func:`output_paths`); its
+        folder is created when missing.
     kinship : path or "identity", optional
         Donor x donor kinship table, or ``"identity"`` for unrelated donors; default
         computed from the genotypes.
@@ -181,19 +187,24 @@ def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
     Returns the results table and the report (also written as JSON).
     """
     paths = output_paths(out)
-    if paths["results"].parent and not paths["results"].parent.exists():
-        raise InputError(paths["results"], "out", "the output directory does not exist",
-                         "create it first or choose another --out")
     table, used = read_run_factors(run_dir, factors)
     if is_plink(genotypes):
-        if dosage_orientation is not None:
+        if dosage_orientation not in (None, "auto"):
             raise InputError(genotypes, "dosage_orientation", "applies to dosage tables, "
                              "not PLINK input", "drop --dosage-orientation")
         geno = PlinkReader(genotypes, variant_count=variant_count,
                            duplicate_snps=duplicate_snps)
     else:
         geno = open_genotypes(genotypes, variant_count=variant_count,
-                              duplicate_snps=duplicate_snps, orientation=dosage_orientation)
+                              duplicate_snps=duplicate_snps, orientation=dosage_orientation,
+                              donors=list(table.index))
+    parent = paths["results"].parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(paths["results"], "out", f"cannot create the output folder "
+                             f"({err.strerror})", "choose another --out") from err
     try:
         K = (read_kinship(kinship) if kinship is not None and str(kinship) != "identity"
              else kinship)

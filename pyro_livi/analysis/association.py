@@ -77,6 +77,14 @@ from pyro_livi.errors import InputError
 
 #: Columns of the results table, in order (``data_schemas/association_results.schema.json``).
 RESULT_COLUMNS = ["factor", "snp", "beta", "se", "pvalue", "padj", "significant"]
+#: SNP columns that follow :data:`RESULT_COLUMNS`: chromosome, base-pair position, the
+#: counted allele and the other one (empty when the genotypes do not have them), and the
+#: minor-allele frequency of the dosages tested (analysed donors, after QC).
+SNP_COLUMNS = ["chrom", "pos", "allele_1", "allele_2", "maf"]
+#: Lower-cased dosage-table annotation names read as the counted / the other allele
+#: (dosages of a VCF-derived table count ALT).
+_ALLELE_1_NAMES = ("allele_1", "a1", "alt")
+_ALLELE_2_NAMES = ("allele_2", "a2", "ref")
 FDR_METHODS = ("bh", "storey")
 PVALUE_METHODS = ("auto", "lrt", "f")
 #: ``pvalue_method="auto"`` uses the asymptotic likelihood-ratio test only when the
@@ -574,6 +582,26 @@ def choose_pvalue_method(n_donors: int, rank_m: int, method: str = "auto") -> st
 # --------------------------------------------------------------------------------------
 
 
+def _annotate_snps(res: pd.DataFrame, snps: pd.DataFrame, maf: np.ndarray) -> pd.DataFrame:
+    """``res`` with :data:`SNP_COLUMNS` appended from the genotypes' SNP table and the MAF
+    of the tested dosages (``maf``: one value per row of ``snps``)."""
+    snps = snps.reset_index(drop=True)
+    lowered = {str(c).strip().lower(): c for c in snps.columns}
+
+    def column(names):
+        found = next((lowered[n] for n in names if n in lowered), None)
+        return (snps[found].astype(object).where(snps[found].notna(), None)
+                if found is not None else pd.Series([None] * len(snps)))
+
+    table = pd.DataFrame({
+        "chrom": column(("chrom",)), "pos": pd.to_numeric(snps["pos"]).round().astype("Int64"),
+        "allele_1": column(_ALLELE_1_NAMES), "allele_2": column(_ALLELE_2_NAMES),
+        "maf": maf})
+    table.index = snps["snp"].astype(str).to_numpy()
+    extra = table.reindex(res["snp"].astype(str).to_numpy()).reset_index(drop=True)
+    return pd.concat([res.reset_index(drop=True), extra], axis=1)[RESULT_COLUMNS + SNP_COLUMNS]
+
+
 def _index_chunks(index: np.ndarray, chunk_size: int):
     for start in range(0, len(index), chunk_size):
         yield index[start:start + chunk_size]
@@ -740,8 +768,10 @@ def associate_factors(factors: pd.DataFrame, genotypes, *, kinship=None,
     Returns
     -------
     results : DataFrame
-        Columns ``factor, snp, beta, se, pvalue, padj, significant``; one row per tested
-        factor x SNP pair, factors in input order, SNPs in genotype order. ``beta``/``se``
+        Columns ``factor, snp, beta, se, pvalue, padj, significant`` then ``chrom, pos,
+        allele_1, allele_2, maf`` (:data:`SNP_COLUMNS`; missing annotations are empty);
+        one row per tested factor x SNP pair, factors in input order, SNPs in genotype
+        order. ``beta``/``se``
         are in factor units per allele copy (of the transformed factor with
         ``inverse_normal``).
     report : dict
@@ -1003,6 +1033,7 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
     parts = {c: {"idx": [], "beta": [], "se": [], "pvalue": []} for c in tested}
     null_dirs: dict = {}
     null_report: dict = {c: {} for c in tested}
+    maf_all = np.full(geno.n_snps, np.nan)
     kept_mask = np.zeros(geno.n_snps, dtype=bool)
     kept_mask[np.concatenate(kept_all)] = True
     for label, idx in groups:
@@ -1035,6 +1066,8 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
                                         -(-len(idx) // chunk_size), desc, progress):
             if block.shape[1] == 0:
                 continue
+            freq = block.mean(axis=0) / 2.0
+            maf_all[kept] = np.minimum(freq, 1.0 - freq)
             rotated = basis.rotate(block)
             for model in models:
                 r = scan_block(model, rotated, _scan_method(model, method, pvalue_method,
@@ -1086,7 +1119,7 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
     padj, info = adjust_pvalues(res["pvalue"].to_numpy(), fdr_method)
     res["padj"] = np.clip(padj, 0.0, 1.0)
     res["significant"] = res["padj"].to_numpy() < fdr
-    res = res[RESULT_COLUMNS]
+    res = _annotate_snps(res[RESULT_COLUMNS], geno.snps, maf_all)
     report["multiple_testing"] = {"method": fdr_method, "fdr": fdr, **info,
                                   "over": "all factor x SNP pairs together"}
     report["n_tests"] = int(len(res))

@@ -28,7 +28,7 @@ def _figure(nrows: int, ncols: int, figsize) -> tuple[Figure, np.ndarray]:
 
 def _save(fig: Figure, path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def plot_umap(latent, obs: pd.DataFrame, path, *, graph=None, n_neighbors: int = 15, seed: int = 0,
@@ -161,15 +161,18 @@ def plot_ppc_features(idata, site: str, path, *, n_features: int = 6, num_pp_sam
 def plot_ppc_statistics(table: pd.DataFrame, path, *, title: str = "") -> Path:
     """Observed vs replicated per-feature statistics (one panel per statistic of
     :func:`pyro_livi.analysis.ppc.feature_statistics`): replicated mean with its 95% interval
-    against the observed value, features outside the interval in red, identity line."""
+    against the observed value, identity line; features whose observed statistic lies above
+    the predictions (ppp < 0.025) in red, below them (ppp > 0.975) in purple. Legends sit
+    below the axes, off the points."""
     stats = [c[: -len("_ppp")] for c in table.columns if c.endswith("_ppp")]
     fig, axes = _figure(1, len(stats), (4.2 * len(stats), 4))
     for ax, name in zip(axes[0], stats):
         obs, rep = table[f"{name}_obs"], table[f"{name}_rep_mean"]
         lo, hi = table[f"{name}_rep_q025"], table[f"{name}_rep_q975"]
-        outside = (table[f"{name}_ppp"] < 0.025) | (table[f"{name}_ppp"] > 0.975)
-        for mask, colour, lab in ((~outside, "tab:blue", "ppp in [0.025, 0.975]"),
-                                  (outside, "tab:red", "ppp outside")):
+        above, below = table[f"{name}_ppp"] < 0.025, table[f"{name}_ppp"] > 0.975
+        for mask, colour, lab in ((~(above | below), "tab:blue", "ppp in [0.025, 0.975]"),
+                                  (above, "tab:red", "observed above predictions (ppp < 0.025)"),
+                                  (below, "tab:purple", "observed below predictions (ppp > 0.975)")):
             ax.errorbar(obs[mask], rep[mask], yerr=[(rep - lo)[mask].clip(lower=0), (hi - rep)[mask].clip(lower=0)],
                         fmt="o", ms=2, lw=0.5, color=colour, alpha=0.6, label=f"{lab} ({int(mask.sum())})")
         values = np.concatenate([obs[np.isfinite(obs)], rep[np.isfinite(rep)]])
@@ -180,7 +183,7 @@ def plot_ppc_statistics(table: pd.DataFrame, path, *, title: str = "") -> Path:
         if values.size:
             ax.plot([values.min(), values.max()], [values.min(), values.max()], color="black", lw=0.7)
         ax.set(xlabel=f"observed {name}", ylabel=f"replicated {name}", title=name)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14), frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     _save(fig, path)

@@ -64,17 +64,39 @@ def snp_coordinates(snps: pd.DataFrame) -> tuple[pd.Series, list[tuple[float, st
     return pd.Series(np.arange(len(ids), dtype=float), index=ids), [], "SNP index"
 
 
-def manhattan_plot(results: pd.DataFrame, snps: pd.DataFrame, path, *, fdr: float = 0.05,
-                   title: str | None = None) -> Path:
-    """Manhattan plot of all factor x SNP pairs: -log10 p against genome position.
+def thin_tick_labels(ax, pad_px: float = 4.0) -> list[str]:
+    """Blank the x tick labels of ``ax`` that would overlap an earlier kept one.
 
-    ``results``: columns ``snp, pvalue, significant``; ``snps``: ``snp, chrom, pos``
-    (the genotypes' SNP table). Chromosomes alternate colours; significant pairs are
-    red. The horizontal line marks the significance threshold: the largest p-value
-    among significant pairs (adjusted p < ``fdr``) when there is one, else the 5%
-    Bonferroni threshold over all pairs (dashed, labelled so). Writes ``path`` (PNG).
+    Measured from the rendered text extents (the figure is drawn first), left to right:
+    a label is kept when it starts at least ``pad_px`` pixels after the end of the last
+    kept label; the last label is preferred over the one before it when they collide.
+    Returns the labels kept, in order.
     """
-    path = Path(path)
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = list(ax.get_xticklabels())
+    texts = [t.get_text() for t in labels]
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    order = sorted((i for i in range(len(labels)) if texts[i]),
+                   key=lambda i: boxes[i].x0 + boxes[i].x1)  # by centre: the tick order
+    kept: list[int] = []
+    for i in order:
+        if not kept or boxes[i].x0 >= boxes[kept[-1]].x1 + pad_px:
+            kept.append(i)
+        elif i == order[-1] and len(kept) > 1 and \
+                boxes[i].x0 >= boxes[kept[-2]].x1 + pad_px:
+            kept[-1] = i  # keep the last chromosome rather than its neighbour
+    if len(kept) < len(order):
+        size = labels[0].get_fontsize()
+        ax.set_xticks(ax.get_xticks())
+        ax.set_xticklabels([t if k in kept else "" for k, t in enumerate(texts)], fontsize=size)
+    return [texts[k] for k in kept]
+
+
+def manhattan_figure(results: pd.DataFrame, snps: pd.DataFrame, *, fdr: float = 0.05,
+                     title: str | None = None):
+    """The Manhattan plot of :func:`manhattan_plot` as a matplotlib Figure (Agg canvas)."""
     xs, ticks, xlabel = snp_coordinates(snps)
     snp_ids = results["snp"].astype(str)
     missing = ~snp_ids.isin(xs.index)
@@ -106,7 +128,8 @@ def manhattan_plot(results: pd.DataFrame, snps: pd.DataFrame, path, *, fdr: floa
         line = -np.log10(0.05 / len(p))
         ax.axhline(line, color="grey", lw=0.8, ls="--",
                    label=f"5% Bonferroni ({len(p)} tests; none significant at FDR {fdr:g})")
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel(xlabel if not ticks else
+                  "chromosome (labels thinned where they would overlap)")
     ax.set_ylabel(r"$-\log_{10}\,p$")
     n_factors = results["factor"].nunique() if "factor" in results.columns else 1
     ax.set_title(title or f"{n_factors} factors x {results['snp'].nunique()} SNPs")
@@ -114,6 +137,27 @@ def manhattan_plot(results: pd.DataFrame, snps: pd.DataFrame, path, *, fdr: floa
     top = max(y.max() if y.size else 0.0, line if len(p) else 0.0)
     ax.set_ylim(0, top * 1.12 + 0.3)
     fig.tight_layout()
+    if ticks:
+        kept = thin_tick_labels(ax)
+        if len(kept) == len(ticks):
+            ax.set_xlabel(xlabel)
+    return fig
+
+
+def manhattan_plot(results: pd.DataFrame, snps: pd.DataFrame, path, *, fdr: float = 0.05,
+                   title: str | None = None) -> Path:
+    """Manhattan plot of all factor x SNP pairs: -log10 p against genome position.
+
+    ``results``: columns ``snp, pvalue, significant``; ``snps``: ``snp, chrom, pos``
+    (the genotypes' SNP table). Chromosomes alternate colours; significant pairs are
+    red. The horizontal line marks the significance threshold: the largest p-value
+    among significant pairs (adjusted p < ``fdr``) when there is one, else the 5%
+    Bonferroni threshold over all pairs (dashed, labelled so). Chromosome labels never
+    overlap: a label that would touch its left neighbour's is left out
+    (:func:`thin_tick_labels`), and the axis says so. Writes ``path`` (PNG).
+    """
+    path = Path(path)
+    fig = manhattan_figure(results, snps, fdr=fdr, title=title)
     fig.savefig(path, dpi=130)
     return path
 

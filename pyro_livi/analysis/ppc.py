@@ -195,8 +195,11 @@ def ppc_calibration(tables: dict[str, pd.DataFrame], *, low: float = 0.025, high
     """Calibration summary per modality and statistic.
 
     Columns: ``n_features``; ``frac_ppp_in_interval``, the fraction of features with
-    ``low <= ppp <= high`` (near 1 when the model reproduces the statistic); ``frac_ppp_low``
-    (observed statistic above the predictions) and ``frac_ppp_high`` (below); and
+    ``low <= ppp <= high`` (near 1 when the model reproduces the statistic);
+    ``frac_obs_above``, the fraction whose observed statistic lies above the predictions
+    (``ppp < low``), and ``frac_obs_below``, below them (``ppp > high``); ``frac_ppp_low``
+    and ``frac_ppp_high``, the same two fractions under their older names, which name the
+    side of the p-value (``frac_ppp_low == frac_obs_above``); and
     ``calibration_error``, the median over features of |z| = |T_obs - E T_rep| / sd(T_rep),
     the distance of the observed statistic from its predictive distribution in predictive
     standard deviations (about 0.67 or less when the observed statistics look like draws from
@@ -214,7 +217,9 @@ def ppc_calibration(tables: dict[str, pd.DataFrame], *, low: float = 0.025, high
             z = table.loc[ok, f"{name}_z"].abs()
             rows.append({"modality": modality, "statistic": name, "n_features": int(ok.sum()),
                          "frac_ppp_in_interval": float(((ppp >= low) & (ppp <= high)).mean()),
+                         "frac_obs_above": float((ppp < low).mean()),
+                         "frac_obs_below": float((ppp > high).mean()),
+                         "calibration_error": float(np.median(z)) if len(z) else float("nan"),
                          "frac_ppp_low": float((ppp < low).mean()),
-                         "frac_ppp_high": float((ppp > high).mean()),
-                         "calibration_error": float(np.median(z)) if len(z) else float("nan")})
+                         "frac_ppp_high": float((ppp > high).mean())})
     return pd.DataFrame(rows).set_index(["modality", "statistic"])

@@ -8,6 +8,7 @@ counts); reconstruction NLL; posterior predictive checks; UMAP pictures.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,8 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
              heldout_cells=None,
              n_pcs: int = 15, probe_seeds=(0, 1, 2, 3, 4), n_neighbors: int = 15,
              resolutions=DEFAULT_RESOLUTIONS, ppc_cells: int = 1000, ppc_samples: int = 20,
-             umap: bool = True, seed: int = 0, context: dict | None = None) -> Evaluation:
+             umap: bool = True, seed: int = 0, context: dict | None = None,
+             progress: bool = True) -> Evaluation:
     """Evaluate ``model`` on ``dataset`` and write the results into ``out``.
 
     Parameters
@@ -99,6 +101,8 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
         predictive checks.
     umap : draw UMAPs (the slowest step).
     context : extra facts shown at the top of the report (e.g. the run directory).
+    progress : print a line when each step starts and its time when it ends (stderr), so that
+        long steps (graph metrics, predictive checks, UMAPs) are not silent.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +117,12 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
     timings, figures = {}, {}
     rng = np.random.default_rng(seed)
 
+    def say(text: str) -> None:
+        if progress:
+            print(text, file=sys.stderr, flush=True)
+
     tic = time.perf_counter()
+    say("evaluate [1/6] cell state of the model and the PCA baseline ...")
     baseline = f"pca{n_pcs}"
     latents = {CELL_STATE: cell_state(model, dataset), baseline: pca_latent(dataset, n_pcs=n_pcs, seed=seed)}
     obs = dataset.obs
@@ -124,8 +133,10 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
         obs = obs.assign(**{key: pd.Categorical(np.asarray(clusters).astype(str))})
         labels = [key]
     timings["latents"] = time.perf_counter() - tic
+    say(f"  done in {timings['latents']:.1f} s")
 
     tic = time.perf_counter()
+    say("evaluate [2/6] logistic-regression probes of each label ...")
     results, per_class = {}, {}
     for name, latent in latents.items():
         for key in labels:
@@ -134,8 +145,10 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
             per_class[(name, key)] = result.per_class
     probes = probe_table(results)
     timings["probes"] = time.perf_counter() - tic
+    say(f"  done in {timings['probes']:.1f} s")
 
     tic = time.perf_counter()
+    say("evaluate [3/6] kNN graphs, Leiden clusterings and graph metrics ...")
     donors = dataset.obs[donor_key].to_numpy() if donor_key else None
     graph_rows, graphs = [], {}
     for name, latent in latents.items():
@@ -156,8 +169,10 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
             graph_rows.append({"latent": name, "label": key, **metrics})
     graph = pd.DataFrame(graph_rows)
     timings["graph_metrics"] = time.perf_counter() - tic
+    say(f"  done in {timings['graph_metrics']:.1f} s")
 
     tic = time.perf_counter()
+    say("evaluate [4/6] reconstruction NLL ...")
     heldout = None
     if heldout_cells is not None:
         heldout = np.flatnonzero(np.asarray(dataset.obs_names.isin(pd.Index(heldout_cells))))
@@ -169,8 +184,10 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
     for modality, series in nll_features.items():
         series.to_frame().to_csv(out / f"nll_{modality}.tsv", sep="\t")
     timings["nll"] = time.perf_counter() - tic
+    say(f"  done in {timings['nll']:.1f} s")
 
     tic = time.perf_counter()
+    say("evaluate [5/6] posterior predictive checks (replicated data sets) ...")
     ppc_idx = (np.sort(rng.choice(dataset.n_cells, size=ppc_cells, replace=False))
                if ppc_cells and ppc_cells < dataset.n_cells else None)
     idata = posterior_predictive(model, dataset, ppc_idx, num_samples=ppc_samples, seed=seed)
@@ -183,17 +200,20 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
             table, out / f"ppc_statistics_{modality}.png", title=f"obs_{modality}: per-feature statistics")
     del idata
     timings["ppc"] = time.perf_counter() - tic
+    say(f"  done in {timings['ppc']:.1f} s")
 
     tic = time.perf_counter()
+    say("evaluate [6/6] figures" + (" and UMAPs (the slowest step)" if umap else "") + " ...")
     figures["probes"] = plot_probe_bars(probes, out / "probes.png")
     if history is not None and len(history):
-        figures["loss_curve"] = plot_loss_curves(history, out / "loss_curve.png")
+        figures["loss_curve"] = plot_loss_curves(history, out / "loss_curve.png", model=model)
     if umap:
         for name, latent in latents.items():
             path = out / f"umap_{name}.png"
             plot_umap(latent, obs[labels], path, graph=graphs[name], seed=seed, title=name)
             figures[f"umap_{name}"] = path
     timings["figures"] = time.perf_counter() - tic
+    say(f"  done in {timings['figures']:.1f} s")
 
     if labels[0] not in dataset.obs.columns:
         context = {**(context or {}), "labels": f"none given; `{labels[0]}` is the Leiden clustering "
@@ -229,7 +249,7 @@ def metrics_long(evaluation: Evaluation) -> pd.DataFrame:
         for metric in ("nll_per_cell", "nll_per_feature", "n_cells"):
             rows.append(("reconstruction", "", "", modality, metric, r[metric]))
     for (modality, statistic), r in evaluation.ppc.iterrows():
-        for metric in ("frac_ppp_in_interval", "frac_ppp_low", "frac_ppp_high", "calibration_error"):
+        for metric in ("frac_ppp_in_interval", "frac_obs_above", "frac_obs_below", "calibration_error"):
             rows.append(("ppc", "", statistic, modality, metric, r[metric]))
     return pd.DataFrame(rows, columns=["section", "latent", "label", "modality", "metric", "value"])
 
@@ -304,10 +324,12 @@ def write_report(evaluation: Evaluation, path, *, donor_key: str | None, n_pcs: 
               f"{ppc_samples} replicated data sets of {ppc_cells} cells drawn from the model "
               "(pyro.infer.Predictive with the guide). For each feature and statistic, ppp = "
               "P(T_rep > T_obs) + 0.5 P(T_rep = T_obs); `frac_ppp_in_interval` is the fraction of "
-              "features with ppp in [0.025, 0.975]; `frac_ppp_low` (`_high`): observed statistic "
-              "above (below) the predictions; `calibration_error`: median over features of "
+              "features with ppp in [0.025, 0.975]; `frac_obs_above`: fraction of features whose "
+              "observed statistic lies above the predictions (ppp < 0.025); `frac_obs_below`: "
+              "below them (ppp > 0.975); `calibration_error`: median over features of "
               "|T_obs - E T_rep| / sd(T_rep) (about 0.67 or less for a calibrated model).", "",
-              _markdown_table(ev.ppc.reset_index())]
+              _markdown_table(ev.ppc.drop(columns=["frac_ppp_low", "frac_ppp_high"],
+                                          errors="ignore").reset_index())]
     lines += ["", "## Figures", ""]
     for name, fig in ev.figures.items():
         lines.append(f"![{name}]({Path(fig).name})")

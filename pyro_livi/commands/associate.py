@@ -9,26 +9,39 @@ from pyro_livi.errors import InputError
 
 
 def register(subparsers) -> argparse.ArgumentParser:
+    from ._help import DefaultsHelpFormatter
+
     p = subparsers.add_parser(
         "associate",
         help="test donor factors (D, V) against genotypes with a linear mixed model",
+        formatter_class=DefaultsHelpFormatter,
         description="Test every donor factor of a fitted run (D.tsv, V.tsv) against every "
-        "SNP: d_k = g beta + M alpha + u + eps, u ~ N(0, sigma_u^2 K) (seed 001 eq. 19), "
-        "fitted with glimix-core; multiple testing over all factor x SNP pairs together. "
-        "Writes RESULTS.tsv, <stem>_manhattan.png, <stem>_qq.png and <stem>_report.json.",
+        "SNP with a linear mixed model, d_k = g beta + M alpha + u + eps with "
+        "u ~ N(0, sigma_u^2 K) (K: donor kinship; M: intercept and covariates), fitted with "
+        "glimix-core; multiple testing over all factor x SNP pairs together. Writes "
+        "RESULTS.tsv (with chromosome, position, alleles and MAF when the genotypes have "
+        "them), <stem>_manhattan.png, <stem>_qq.png and <stem>_report.json; the folder of "
+        "RESULTS.tsv is created when missing.",
     )
     p.add_argument("--run", required=True, metavar="RUN_DIR",
                    help="run directory holding D.tsv and/or V.tsv (donor ids in the first "
                    "column, factor names in the header)")
     p.add_argument("--genotypes", required=True, metavar="PLINK_PREFIX_OR_TABLE",
                    help="PLINK prefix or .bed (+ .fam, .bim optional), or a dosage table "
-                   "(.csv/.tsv, gz allowed)")
+                   "(.csv/.tsv/.txt, gz allowed; allele dosages 0..2)")
     p.add_argument("--variant-count", type=int, default=None, metavar="N",
-                   help="number of SNPs of a .bed that has no .bim")
-    p.add_argument("--dosage-orientation", choices=["snps_x_donors", "donors_x_snps"],
-                   default=None, help="layout of a dosage table (required for tables)")
-    p.add_argument("--duplicate-snps", choices=["error", "make_unique"], default="error",
-                   help="duplicated SNP ids: fail (default) or keep each as id#2, id#3, ...")
+                   help="number of SNPs of a .bed that has no .bim (PLINK input only)")
+    p.add_argument("--dosage-orientation", choices=["auto", "snps_x_donors", "donors_x_snps"],
+                   default="auto",
+                   help="layout of a dosage table: one row per SNP (snps_x_donors) or one row "
+                   "per donor (donors_x_snps); auto detects it from the donor ids of the run "
+                   "and the column names (snp_id, CHR, POS, ...) and says what it found")
+    p.add_argument("--duplicate-snps", choices=["auto", "error", "make_unique"],
+                   default="auto",
+                   help="SNP ids that occur more than once: error refuses them; make_unique "
+                   "keeps each as its own variant, renamed id#2, id#3, ...; auto keeps one "
+                   "copy of rows that repeat an id with the same dosages and renames the rest "
+                   "(as make_unique), and says what it did")
     p.add_argument("--kinship", default=None, metavar="FILE|identity",
                    help="donor x donor kinship table (first column and header: donor ids), "
                    "or 'identity' for unrelated donors; default: computed from the QC'd "
@@ -36,30 +49,33 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "chromosomes; refused when it would rest on too few SNPs)")
     p.add_argument("--loco", action=argparse.BooleanOptionalAction, default=None,
                    help="leave-one-chromosome-out kinship computed from the genotypes "
-                   "(default when every SNP has a chromosome and there are at least two); "
-                   "--no-loco forces one kinship from all SNPs, tested SNPs included")
+                   "(default: on when every SNP has a chromosome and there are at least "
+                   "two); --no-loco forces one kinship from all SNPs, tested SNPs included")
     p.add_argument("--pvalue-method", choices=["auto", "lrt", "f"], default="auto",
-                   help="auto (default): likelihood-ratio test when there are many donors "
-                   "per fixed effect, else the exact F-test; lrt or f to force one")
+                   help="auto: likelihood-ratio test when there are many donors per fixed "
+                   "effect, else the exact F-test; lrt or f to force one")
     p.add_argument("--allow-partial-donor-match", action="store_true",
                    help="analyse the matching donors even when donor ids differ only by "
                    "formatting (01 vs 1, case, FID_IID) or fewer than half of them match")
     p.add_argument("--covariates", default=None, metavar="FILE",
                    help="donor covariate table (first column donor ids; numeric columns)")
-    p.add_argument("--fdr", type=float, default=0.05, help="FDR threshold (default 0.05)")
+    p.add_argument("--fdr", type=float, default=0.05, metavar="RATE",
+                   help="false discovery rate threshold (a fraction, 0..1)")
     p.add_argument("--fdr-method", choices=["bh", "storey"], default="bh",
-                   help="Benjamini-Hochberg (default) or Storey q-values")
+                   help="multiple testing: Benjamini-Hochberg (bh) or Storey q-values")
     p.add_argument("--factors", choices=["D", "V", "all"], default="all",
-                   help="which factor tables to test (default all present)")
+                   help="which factor tables to test (all: every one present)")
     p.add_argument("--inverse-normal", action="store_true",
                    help="rank-based inverse normal transform of each factor")
-    p.add_argument("--maf", type=float, default=0.05,
-                   help="minor-allele-frequency threshold (default 0.05)")
-    p.add_argument("--chunk-size", type=int, default=5000,
-                   help="SNPs per block (bounds memory; default 5000)")
+    p.add_argument("--maf", type=float, default=0.05, metavar="FRACTION",
+                   help="minor-allele-frequency threshold (a fraction, 0..0.5); rarer SNPs "
+                   "are left out")
+    p.add_argument("--chunk-size", type=int, default=5000, metavar="SNPS",
+                   help="SNPs read and tested per block (bounds memory)")
     p.add_argument("--no-plots", action="store_true", help="skip the Manhattan / QQ plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--out", required=True, metavar="RESULTS.tsv", help="results table")
+    p.add_argument("--out", required=True, metavar="RESULTS.tsv",
+                   help="results table (its folder is created when missing)")
     p.set_defaults(func=run)
     return p
 
@@ -105,6 +121,12 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def genotype_notes(report: dict) -> list[str]:
+    """What the genotype reader detected or changed (orientation, duplicate SNP ids)."""
+    reader = report.get("genotype_reader", {})
+    return [f"genotypes: {text}" for text in reader.get("notes", [])]
+
+
 def run(args) -> int:
     from pyro_livi.analysis.associate_run import output_paths, run_associate
 
@@ -121,6 +143,8 @@ def run(args) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for note in genotype_notes(report):
+        print(note)
     print(summary(report))
     written = output_paths(args.out)
     print("wrote: " + ", ".join(str(p) for k, p in written.items()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
+    from ._help import DefaultsHelpFormatter
+
     p = subparsers.add_parser(
-        "demo", help="simulate a population with planted trans-eQTLs, fit LIVI, test its factors",
+        "demo", formatter_class=DefaultsHelpFormatter, help="simulate a population with planted trans-eQTLs, fit LIVI, test its factors",
         description="Simulate the built-in default population (no downloads), fit LIVI, test every "
         "donor factor against every SNP, and write results, plots and summary.md to --out.")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="seed of the simulation and the fit")
+    p.add_argument("--out", required=True, help="output folder (created when missing)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the simulation and the fit (an integer)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
 

@@ -13,16 +13,18 @@ from pyro_livi.errors import InputError
 
 
 def register(subparsers) -> argparse.ArgumentParser:
+    from ._help import DefaultsHelpFormatter
+
     p = subparsers.add_parser(
-        "evaluate",
+        "evaluate", formatter_class=DefaultsHelpFormatter,
         help="evaluate a fitted run: probes, graph metrics, reconstruction NLL, predictive checks",
         description="Load RUN_DIR/model.pt, re-read the data with the run's modalities, donor "
         "index and covariate categories, and evaluate the model: logistic-regression probes "
         "from the cell state to each label (and from 15 PCs of log-normalised counts as a "
         "baseline), graph metrics (ARI, NMI, silhouette, graph connectivity, isolated-label "
         "silhouette), reconstruction NLL (on the run's validation cells when it has a split), "
-        "posterior predictive checks and UMAPs. Writes "
-        "OUT/report.md, OUT/metrics.tsv and PNGs.",
+        "posterior predictive checks and UMAPs, printing a line per step with its time. "
+        "Writes OUT/report.md, OUT/metrics.tsv and PNGs.",
     )
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="directory written by `pyro-livi fit`")
     p.add_argument("--data", required=True, help=".h5ad or .h5mu file with raw counts and the labels")
@@ -32,14 +34,17 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=".obs columns to probe and score, e.g. cell_type (default: the run's "
                    "label keys); the donor column is added when the run has donors")
     p.add_argument("--n-cells", type=int, default=None, metavar="N",
-                   help="evaluate a random subset of N cells (seeded)")
-    p.add_argument("--n-pcs", type=int, default=15, help="principal components of the baseline (default 15)")
+                   help="evaluate a random subset of N cells (seeded by --seed; default: every cell)")
+    p.add_argument("--n-pcs", type=int, default=15, metavar="N",
+                   help="principal components of the baseline latent (default: 15)")
     p.add_argument("--ppc-cells", type=int, default=1000,
-                   help="cells in the posterior predictive checks (default 1000)")
-    p.add_argument("--ppc-samples", type=int, default=20, help="replicated data sets (default 20)")
+                   metavar="N", help="cells in the posterior predictive checks (default: 1000)")
+    p.add_argument("--ppc-samples", type=int, default=20, metavar="N",
+                   help="replicated data sets drawn in the posterior predictive checks (default: 20)")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP pictures (the slowest step)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the cell subset, probes, graphs and predictive draws")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created when missing)")
     p.set_defaults(func=run)
     return p
 

@@ -76,7 +76,7 @@ def register(subparsers, argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=1024, help="cells per minibatch")
     p.add_argument("--lr", type=float, default=8e-4, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, minibatches and sampling")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train: cpu, or cuda (an NVIDIA GPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice, one per core); 1 is often as fast for "
                    "small models and never slower on a busy machine")

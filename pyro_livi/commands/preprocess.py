@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pyro_livi.errors import InputError
@@ -23,9 +24,13 @@ def _target_sum(text: str) -> float | None:
 def register(subparsers) -> None:
     from pyro_livi.preprocessing import RECIPES
 
-    recipes = "; ".join(f"{name}: {what}" for name, what in RECIPES.items())
+    # the recipes' notes cite internal design documents ("seed 004 section ..."): not for users
+    internal = re.compile(r"\s*\(seed \d+[^)]*\)")
+    recipes = "; ".join(f"{name}: {internal.sub('', what)}" for name, what in RECIPES.items())
+    from ._help import DefaultsHelpFormatter
+
     p = subparsers.add_parser(
-        "preprocess",
+        "preprocess", formatter_class=DefaultsHelpFormatter,
         help="normalise, select HVGs, CLR/TF-IDF per modality; write a new .h5ad/.h5mu",
         description="Preprocess each modality with a recipe and write a NEW file (never the "
         "input): the raw counts stay in a layer (--counts-layer) so that count models can "

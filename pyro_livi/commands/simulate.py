@@ -23,26 +23,28 @@ _OVERRIDES = {
 
 
 def register(subparsers) -> None:
+    from ._help import DefaultsHelpFormatter
+
     p = subparsers.add_parser(
-        "simulate",
+        "simulate", formatter_class=DefaultsHelpFormatter,
         help="simulate a population single-cell dataset with planted trans-eQTL effects",
         description="Draw cells, donors and genotypes from LIVI's generative process with known "
         "causal SNPs for the donor factors, and write expression (h5ad, or h5mu with proteins), "
         "PLINK genotypes and the truth (truth/README.md documents every file).",
     )
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created when missing)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (an integer)")
     p.add_argument("--config", default="demo",
                    help="'demo' (the built-in demo size: 120 donors x ~40 cells, 500 genes, "
                         "2000 SNPs) or a JSON file of SimulationConfig fields (a written "
                         "truth/config.json works)")
-    p.add_argument("--n-donors", type=int, help="number of donors")
-    p.add_argument("--cells-per-donor", type=float, help="mean cells per donor")
-    p.add_argument("--n-genes", type=int, help="number of genes")
-    p.add_argument("--n-snps", type=int, help="number of SNPs")
-    p.add_argument("--n-proteins", type=int, help="number of proteins (0: RNA only)")
-    p.add_argument("--h2-d", type=float, help="variance of each D factor explained by its SNP")
-    p.add_argument("--h2-v", type=float, help="variance of each V factor explained by its SNP")
+    p.add_argument("--n-donors", type=int, help="number of donors (default: from --config)")
+    p.add_argument("--cells-per-donor", type=float, help="mean cells per donor (default: from --config)")
+    p.add_argument("--n-genes", type=int, help="number of genes (default: from --config)")
+    p.add_argument("--n-snps", type=int, help="number of SNPs (default: from --config)")
+    p.add_argument("--n-proteins", type=int, help="number of proteins, 0 for RNA only (default: from --config)")
+    p.add_argument("--h2-d", type=float, help="fraction of the variance of each D factor explained by its SNP, 0..1 (default: from --config)")
+    p.add_argument("--h2-v", type=float, help="fraction of the variance of each V factor explained by its SNP, 0..1 (default: from --config)")
     p.set_defaults(func=run)
 
 

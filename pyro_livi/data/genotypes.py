@@ -40,7 +40,11 @@ DEFAULT_ANNOTATION_NAMES = CHROM_NAMES + POS_NAMES + (
     "allele_1", "allele_2",
 )
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
-DUPLICATE_POLICIES = ("error", "make_unique")
+DUPLICATE_POLICIES = ("error", "make_unique", "auto")
+#: What a SNP id looks like when a dosage table's orientation is detected from its names:
+#: rs numbers, or chromosome:position ids (``1:150133323``, ``chr1_1234_A_G``).
+SNP_ID_PATTERN = re.compile(r"^(rs\d+|(chr)?([0-9]{1,2}|X|Y|XY|MT?)[:_]\d+([:_].*)?)$",
+                            re.IGNORECASE)
 
 
 def genotypes_schema() -> dict:
@@ -205,7 +209,7 @@ def _dedupe_ids(ids: list[str], policy: str, source: str) -> tuple[list[str], in
     dups = [i for i, n in counts.items() if n > 1]
     if not dups:
         return ids, 0
-    if policy == "error":
+    if policy not in ("make_unique", "auto"):
         raise InputError(source, "SNP ids", f"{len(dups)} SNP ids occur more than once "
                          f"(e.g. {dups[:5]})", "make SNP ids unique in the file, or read "
                          "with duplicate_snps='make_unique' (CLI: --duplicate-snps "
@@ -281,7 +285,7 @@ class PlinkReader:
         has_bim = bim.exists()
         descriptor = {"format": "plink", "bed": str(bed), "fam": str(fam),
                       "bim": str(bim) if has_bim else None, "variant_count": variant_count,
-                      "duplicate_snps": duplicate_snps}
+                      "duplicate_snps": _schema_policy(duplicate_snps)}
         if variant_count is not None and not isinstance(variant_count, (int, np.integer)):
             raise InputError(bed, "variant_count", f"{variant_count!r} is not an integer",
                              "pass the number of SNPs as an integer")
@@ -328,6 +332,10 @@ class PlinkReader:
             ids, renamed = _dedupe_ids(ids, duplicate_snps, str(bim))
             if renamed:
                 report["n_duplicate_snp_ids_renamed"] = renamed
+                if duplicate_snps == "auto":
+                    report.setdefault("notes", []).append(
+                        f"{renamed} repeated SNP ids in the .bim: kept each as its own "
+                        "variant, renamed id#2, id#3, ... (--duplicate-snps error refuses them)")
             chrom = [None if str(c) in ("0", "") else str(c) for c in self._bed.chromosome]
             pos = np.asarray(self._bed.bp_position, dtype=np.float64)
             pos[pos <= 0] = np.nan
@@ -416,10 +424,66 @@ def _raw_header(path: Path, sep: str) -> list[str]:
         return next(csv.reader(fh, delimiter=sep), [])
 
 
-def read_dosage_table(path, *, orientation: Literal["snps_x_donors", "donors_x_snps"] | None = None,
+def _schema_policy(policy: str) -> str:
+    """The schema knows error / make_unique; auto is checked here and validated as make_unique."""
+    if policy == "auto":
+        return "make_unique"
+    return policy
+
+
+def detect_orientation(header: Sequence[str], first_values: Sequence, *,
+                       donors: Sequence[str] | None = None,
+                       snp_id_column: str = "snp_id") -> tuple[str, str, str | None]:
+    """Orientation of a dosage table from its header and first column, when unambiguous.
+
+    In this order: the donor ids ``donors`` (e.g. a run's factor donors) among the column
+    names but not the first column's values (``snps_x_donors``), or the reverse
+    (``donors_x_snps``); a column named ``snp_id_column`` or a recognised SNP annotation
+    (``CHR``, ``POS``, ``gene_id``, ...; ``snps_x_donors``); every column name after the
+    first shaped like a SNP id (``rs123``, ``1:12345``) and no first-column value so
+    (``donors_x_snps``), or the reverse (``snps_x_donors``, the first column holding the
+    SNP ids). Returns ``(orientation, reason, snp id column or None)``; raises
+    InputError naming ``--dosage-orientation`` when none of these decides.
+    """
+    header = [str(c) for c in header]
+    values = [str(v) for v in first_values if v is not None and v == v]
+    if donors:
+        want = {str(d) for d in donors}
+        in_header = [c for c in header if c in want]
+        in_rows = [v for v in values if v in want]
+        if in_header and not in_rows:
+            return ("snps_x_donors", f"{len(in_header)} column names are donor ids of the "
+                    f"factors (e.g. {in_header[0]!r})",
+                    None if snp_id_column in header else header[0])
+        if in_rows and not in_header:
+            return ("donors_x_snps", f"{len(in_rows)} values of the first column "
+                    f"{header[0]!r} are donor ids of the factors (e.g. {in_rows[0]!r})", None)
+    named = [c for c in header if c == snp_id_column
+             or c.strip().lower() in DEFAULT_ANNOTATION_NAMES]
+    if named:
+        return ("snps_x_donors", "the header has SNP columns (" + ", ".join(named[:4]) + ")",
+                None)
+    rest = header[1:]
+    snp_cols = [c for c in rest if SNP_ID_PATTERN.match(c.strip())]
+    snp_rows = [v for v in values if SNP_ID_PATTERN.match(v.strip())]
+    if rest and len(snp_cols) == len(rest) and not snp_rows:
+        return ("donors_x_snps", f"the column names after {header[0]!r} look like SNP ids "
+                f"(e.g. {rest[0]!r})", None)
+    if values and len(snp_rows) == len(values) and not snp_cols:
+        return ("snps_x_donors", f"the first column {header[0]!r} holds SNP ids (e.g. "
+                f"{values[0]!r})", header[0])
+    raise InputError("dosage table", "orientation", "cannot tell whether rows are SNPs or "
+                     f"donors (header starts {header[:5]}, first column starts "
+                     f"{values[:3]})", "pass --dosage-orientation snps_x_donors (one row per "
+                     "SNP) or donors_x_snps (one row per donor); orientation= in Python")
+
+
+def read_dosage_table(path, *, orientation: Literal["snps_x_donors", "donors_x_snps", "auto"]
+                      | None = None,
                       snp_id_column: str = "snp_id", donor_id_column: str | None = None,
                       annotation_columns: Sequence[str] | None = None,
-                      duplicate_snps: Literal["error", "make_unique"] = "error") -> Genotypes:
+                      duplicate_snps: Literal["error", "make_unique", "auto"] = "error",
+                      donors: Sequence[str] | None = None) -> Genotypes:
     """Read a CSV/TSV dosage table (gzip or not; separator from the extension).
 
     ``orientation="snps_x_donors"``: rows are SNPs; ``snp_id_column`` holds the SNP ids,
@@ -427,19 +491,44 @@ def read_dosage_table(path, *, orientation: Literal["snps_x_donors", "donors_x_s
     ``CHR``, ``POS``, ``gene_id``, ``cell_type``) describe the SNP and every other column
     is a donor. ``orientation="donors_x_snps"``: rows are donors; ``donor_id_column``
     (default the first column) holds donor ids and every other non-annotation column is
-    a SNP. Empty / NA cells are missing calls (NaN); any other non-numeric value or a
-    value outside [0, 2] is an InputError naming the column.
+    a SNP. ``orientation=None`` or ``"auto"``: detected (:func:`detect_orientation`; the
+    optional ``donors``, e.g. the donors of the factors, help), and said in
+    ``report["notes"]``. Empty / NA cells are missing calls (NaN); any other non-numeric
+    value or a value outside [0, 2] is an InputError naming the column.
+
+    ``duplicate_snps``: ``"error"`` refuses repeated SNP ids, ``"make_unique"`` keeps
+    every row as its own variant (``id#2``, ...), ``"auto"`` keeps one copy of rows that
+    repeat an earlier row's id, position and dosages, renames the rest as make_unique and
+    says so in ``report["notes"]``.
     """
     path = Path(path)
     source = str(path)
-    if orientation is None:
-        raise InputError(path, "orientation", "the orientation of the dosage table is not "
-                         "given", "pass orientation='snps_x_donors' (one row per SNP) or "
-                         "'donors_x_snps' (one row per donor); CLI: --dosage-orientation")
+    if duplicate_snps not in DUPLICATE_POLICIES:
+        raise InputError(path, "duplicate_snps", f"unknown policy {duplicate_snps!r}",
+                         f"use one of {list(DUPLICATE_POLICIES)}")
+    detect = orientation in (None, "auto")
+    if detect and not path.exists():
+        raise InputError(path, "path", "file not found", "pass an existing dosage table")
+    sep = _table_sep(path) if detect else None
+    notes: list[str] = []
+    if detect:
+        header = _raw_header(path, sep)
+        if not header:
+            raise InputError(path, "header", "the file is empty", "give a table with a header")
+        first = pd.read_csv(path, sep=sep, dtype=str, usecols=[0]).iloc[:, 0].tolist()
+        try:
+            orientation, reason, id_col = detect_orientation(
+                header, first, donors=donors, snp_id_column=snp_id_column)
+        except InputError as err:
+            raise InputError(path, "orientation", err.problem, err.fix) from None
+        notes.append(f"dosage table read as {orientation} ({reason}); "
+                     "--dosage-orientation overrides")
+        if id_col is not None and snp_id_column not in header:
+            snp_id_column = id_col
     descriptor = {"format": "dosage_table", "path": str(path), "orientation": orientation,
                   "snp_id_column": snp_id_column, "donor_id_column": donor_id_column,
                   "annotation_columns": None if annotation_columns is None
-                  else list(annotation_columns), "duplicate_snps": duplicate_snps}
+                  else list(annotation_columns), "duplicate_snps": _schema_policy(duplicate_snps)}
     _validate_descriptor(descriptor, source)
     if not path.exists():
         raise InputError(path, "path", "file not found", "pass an existing dosage table")
@@ -452,7 +541,7 @@ def read_dosage_table(path, *, orientation: Literal["snps_x_donors", "donors_x_s
     if list(table.columns) != header:
         raise InputError(path, "header", "rows have more fields than the header",
                          "check the separator (comma for .csv, tab for .tsv/.txt)")
-    report: dict = {}
+    report: dict = {"notes": notes} if notes else {}
     if orientation == "snps_x_donors":
         if snp_id_column not in table.columns:
             raise InputError(path, snp_id_column, f"no such column (columns start "
@@ -475,9 +564,16 @@ def read_dosage_table(path, *, orientation: Literal["snps_x_donors", "donors_x_s
             raise InputError(path, snp_id_column, f"empty SNP id in data row {row + 1}",
                              "give every SNP an id")
         values = _numeric_block(table, value_cols, path, lambda r: table[snp_id_column].iat[r])
+        if duplicate_snps == "auto":
+            table, values = _drop_repeated_rows(table, values, snp_id_column, annot, report)
         ids, renamed = _dedupe_ids(table[snp_id_column].tolist(), duplicate_snps, source)
         if renamed:
             report["n_duplicate_snp_ids_renamed"] = renamed
+            if duplicate_snps == "auto":
+                report.setdefault("notes", []).append(
+                    f"{renamed} rows repeat an earlier SNP id with other dosages or position: "
+                    "kept each as its own variant, renamed id#2, id#3, ... "
+                    "(--duplicate-snps error refuses them)")
         snps = pd.DataFrame({"snp": ids})
         chrom_col = next((c for c in annot if c.strip().lower() in CHROM_NAMES), None)
         pos_col = next((c for c in annot if c.strip().lower() in POS_NAMES), None)
@@ -522,6 +618,27 @@ def read_dosage_table(path, *, orientation: Literal["snps_x_donors", "donors_x_s
         report["n_duplicate_snp_ids_renamed"] = renamed
     snps = pd.DataFrame({"snp": ids, "chrom": [None] * len(ids), "pos": np.nan})
     return Genotypes(values, table[id_col].tolist(), snps, source, report)
+
+
+def _drop_repeated_rows(table: pd.DataFrame, values: np.ndarray, id_col: str,
+                        annot: list[str], report: dict) -> tuple[pd.DataFrame, np.ndarray]:
+    """Rows that repeat an earlier row's SNP id, chromosome / position and dosages (the
+    same variant listed twice, e.g. once per gene) are dropped; the count goes to
+    ``report``."""
+    ids = table[id_col]
+    if not ids.duplicated().any():
+        return table, values
+    coords = [c for c in annot if c.strip().lower() in CHROM_NAMES + POS_NAMES]
+    key = pd.concat([ids.reset_index(drop=True), table[coords].reset_index(drop=True),
+                     pd.DataFrame(values)], axis=1, ignore_index=True)
+    repeat = key.duplicated(keep="first").to_numpy()
+    if not repeat.any():
+        return table, values
+    report["n_repeated_snp_rows_dropped"] = int(repeat.sum())
+    report.setdefault("notes", []).append(
+        f"{int(repeat.sum())} rows repeat an earlier row's SNP id, position and dosages: "
+        "kept one copy of each")
+    return table.loc[~repeat].reset_index(drop=True), values[~repeat]
 
 
 def _numeric_block(table: pd.DataFrame, cols: list[str], path: Path, row_name) -> np.ndarray:
