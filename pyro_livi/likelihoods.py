@@ -26,6 +26,10 @@ name            distribution                     feature_params              cel
 ``normal``      Normal(mean, exp(log_scale))     ``log_scale``               --
 =============== ================================ =========================== ==============
 
+``nb_mixture_cell`` is the same mixture with a per-cell background (totalVI): feature param
+``log_theta``, cell heads ``log_background`` and ``mix_logits``; a model may supply its own
+per-cell values for a cell head (TOTALVI passes its sampled latent log background).
+
 Shapes: ``mean`` is (B, G) (cells x features), feature params are (G,), cell heads are (B, G);
 every distribution returned has batch_shape (B, G) and event_shape ().
 """
@@ -48,6 +52,7 @@ __all__ = [
     "BernoulliLikelihood",
     "Likelihood",
     "NBLikelihood",
+    "NBMixtureCellLikelihood",
     "NBMixtureLikelihood",
     "NegativeBinomial",
     "NegativeBinomialMixture",
@@ -505,6 +510,35 @@ class NBMixtureLikelihood(Likelihood):
         return NegativeBinomialMixture(mu_back, mu_back + mean, torch.exp(log_theta), mix_logits)
 
 
+class NBMixtureCellLikelihood(Likelihood):
+    """``nb_mixture_cell``: the totalVI protein mixture with a **per-cell, per-feature**
+    background.
+
+    Both the background and the mixing logits are cell heads, shape (B, G): a model may decode
+    them with the generic linear heads, or (as :class:`~pyro_livi.models.TOTALVI` does) supply
+    its own per-cell quantities under these names, e.g. a sampled latent log background
+    log beta_nt. With beta = exp(log_background):
+
+        mu_back = beta,  mu_fore = beta + mean,  theta = exp(log_theta),
+        y ~ w NB(mu_back, theta) + (1 - w) NB(mu_fore, theta),  w = sigmoid(mix_logits),
+
+    so ``mean`` is the foreground excess over the background, in counts (> 0), as for
+    ``nb_mixture``; totalVI's foreground beta * alpha with alpha >= 1 is ``mean = beta (alpha
+    - 1)``. Feature param ``log_theta`` (one inverse dispersion per feature, init 1.0). The
+    component is drawn per element by ``sample()`` (:class:`NegativeBinomialMixture`).
+    Reference: Gayoso et al. 2021, Nat Methods 18:272 (totalVI), Methods, protein likelihood.
+    """
+
+    name = "nb_mixture_cell"
+    feature_params = ("log_theta",)
+    cell_heads = ("log_background", "mix_logits")
+    feature_init = {"log_theta": 1.0}
+
+    def distribution(self, mean, log_theta, log_background, mix_logits):
+        mu_back = torch.exp(log_background)
+        return NegativeBinomialMixture(mu_back, mu_back + mean, torch.exp(log_theta), mix_logits)
+
+
 class PoissonLikelihood(Likelihood):
     """``poisson``: Poisson(rate=mean). No params."""
 
@@ -590,6 +624,7 @@ for _likelihood in (
     NBLikelihood(),
     ZINBLikelihood(),
     NBMixtureLikelihood(),
+    NBMixtureCellLikelihood(),
     PoissonLikelihood(),
     BernoulliLikelihood(),
     NormalLikelihood(),

@@ -428,7 +428,7 @@ def test_validation_rejects_bad_values():
 
 
 def test_registered_names():
-    assert set(LIKELIHOODS) == REGISTERED
+    assert set(LIKELIHOODS) == REGISTERED | {"nb_mixture_cell"}
     for name, lik in LIKELIHOODS.items():
         assert lik.name == name and get_likelihood(name) is lik
         assert get_likelihood(lik) is lik
@@ -467,7 +467,7 @@ def test_register_likelihood(monkeypatch):
     new = _GeometricTest()
     register_likelihood(new)
     assert lk.get_likelihood("geometric_test") is new
-    assert set(lk.LIKELIHOODS) == REGISTERED | {"geometric_test"}
+    assert set(lk.LIKELIHOODS) == REGISTERED | {"nb_mixture_cell", "geometric_test"}
     params = new.init_feature_params(3)
     assert torch.equal(params["log_extra"], torch.full((3,), 0.5))
     d = new(torch.full((2, 3), 4.0), **params)

@@ -30,6 +30,9 @@ TINY = {
     "dmlivi": dict(n_shared=3, n_dxc=2, n_persistent=1, shared_encoder_hidden=(8,),
                    specific_encoder_hidden=(4,)),
     "scvi": dict(n_latent=3, n_hidden=8),
+    "totalvi": dict(n_latent=3, n_hidden=8, n_layers_encoder=1),
+    "multigrate": dict(n_latent=3, n_hidden=8, n_layers=1, cond_dim=2),
+    "mofa": dict(n_factors=3),
 }
 #: schedule options that keep every stage to one epoch
 ONE_EPOCH = {"livi": dict(epochs_vae=1), "multislivi": dict(epochs_vae=1), "dmlivi": dict(epochs_vae=1)}
@@ -94,8 +97,9 @@ def test_every_model_is_covered():
 def test_declarations(name):
     cls = MODELS[name]
     assert cls.registry_name == name and cls.summary and cls.reference
-    assert set(cls.outputs) <= {"latent", "specific_state", "donor_factors", "assignment", "loadings",
-                                "dispersions"} and "latent" in cls.outputs
+    from pyro_livi.models._base import OUTPUT_KINDS
+
+    assert set(cls.outputs) <= set(OUTPUT_KINDS) and "latent" in cls.outputs
     keywords = {**inspect.signature(cls.__init__).parameters, **inspect.signature(cls.from_dataset).parameters}
     stage_keywords = inspect.signature(cls.default_stages).parameters
     for option_name, option in cls.options.items():
@@ -165,9 +169,19 @@ def test_fit_one_epoch_outputs_and_save_load(name, tmp_path):
             modality = table_name.split("__")[-1] if "__" in table_name else table_name.split("_", 1)[1]
             modality = modality if modality in dataset.modalities else dataset.modalities[0]
             assert list(table.index) == list(dataset.feature_names[modality]), table_name
+        elif table_name == "variance_explained":
+            assert set(table.index) == set(latent.columns) and set(dataset.modalities) <= set(table.columns)
+        elif table_name == "variance_explained_total":
+            assert set(table.index) == set(dataset.modalities)
         elif table_name != "A":
             assert list(table.index) == list(dataset.obs_names), table_name
     assert ("D" in tables) == (MODELS[name].data_needs.donors != "unused")
+    held_out = MODELS[name].default_train_size < 1
+    assert ("validation_loss" in result.history.columns) == held_out == (tmp_path / "split.tsv").exists()
+    if held_out:
+        split = pd.read_csv(tmp_path / "split.tsv", sep="\t", index_col=0)["set"]
+        assert list(split.index) == list(dataset.obs_names)
+        assert (split == "validation").sum() == len(result.validation) == round(0.1 * N_CELLS)
     loaded, meta = load_model(tmp_path)
     assert type(loaded) is type(model) and meta["model"] == name
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -228,3 +242,37 @@ def test_save_refuses_an_unregistered_model(tmp_path):
 
     with pytest.raises(ValueError, match="register"):
         save_model(Custom(5), tmp_path, feature_names={"rna": [str(i) for i in range(5)]})
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_user_api_and_write_back(name, tmp_path):
+    """The scvi-tools-style layer works for every model: train, latent, denoised values,
+    predictive samples, write-back into the user's data without touching its counts, save/load."""
+    from pyro_livi.api import Model
+
+    data, spec = tiny_data(name)
+    counts_before = (data.mod[next(iter(spec.modalities))] if hasattr(data, "mod")
+                     else data).X.copy()
+    m = Model(data, name, modalities=spec.modalities, donor_key=spec.donor_key,
+              covariate_keys=spec.covariate_keys, optional_modalities=spec.optional_modalities,
+              continuous_modalities=spec.continuous_modalities, **TINY[name], **ONE_EPOCH.get(name, {}))
+    history = m.train(max_epochs=1, batch_size=16, progress=False)
+    assert len(history) >= 1 and m.history is history
+    z = m.get_latent_representation()
+    assert z.shape[0] == N_CELLS and np.isfinite(z).all()
+    assert m.get_latent_representation(give_mean=False).shape == z.shape
+    for modality in spec.modalities:
+        norm = m.get_normalized_expression(modality=modality)
+        assert norm.shape == (N_CELLS, FEATURES[modality]) and list(norm.index) == list(m.dataset.obs_names)
+        assert np.isfinite(norm.to_numpy()).all()
+    draws = m.posterior_predictive_sample(n_samples=2)
+    assert draws.shape == (2, N_CELLS, FEATURES[next(iter(spec.modalities))])
+    written = m.write_to()
+    ref = written.mod[next(iter(spec.modalities))] if hasattr(written, "mod") else written
+    assert ref.obsm[f"X_{name}"].shape == z.shape and f"{name}_normalized" in ref.layers
+    assert (ref.X != counts_before).nnz == 0  # the counts are untouched
+    assert (f"{name}_donor_factors" in written.uns) == (MODELS[name].data_needs.donors != "unused")
+    m.save(tmp_path)
+    again = Model.load(tmp_path, adata=data)
+    np.testing.assert_allclose(again.get_latent_representation(), z, rtol=1e-5, atol=1e-6)
+    assert again.history is not None and len(again.history) == len(history)

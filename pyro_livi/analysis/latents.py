@@ -83,7 +83,8 @@ def loading_tables(model, feature_names: dict) -> dict[str, pd.DataFrame]:
     tables = {}
     for name, W in model.loadings().items():
         modality = name.split("__")[1] if "__" in name else model.modalities[0]
-        prefix = {"W_C": "c", "W_DxC": "D", "W_V": "V", "W_S": f"s_{modality}"}.get(name.split("__")[0], name)
+        prefix = {"W_C": "c", "W_DxC": "D", "W_V": "V", "W_S": f"s_{modality}",
+                  "W": model.latent_site}.get(name.split("__")[0], name)
         W = W.cpu().numpy()
         tables[name] = pd.DataFrame(W.T, index=pd.Index(feature_names[modality], name="feature"),
                                     columns=[f"{prefix}_{k}" for k in range(W.shape[0])])
@@ -102,7 +103,9 @@ def dispersion_tables(model, feature_names: dict) -> dict[str, pd.DataFrame]:
 def output_tables(model, dataset) -> dict[str, pd.DataFrame]:
     """Every table a model declares in ``model.outputs``, by file stem, each indexed by the
     data's own ids: the per-cell latent (``model.latent_name``, rows = cell ids),
-    ``specific_state_<modality>``, donor factors ``D`` and ``V`` (rows = donor ids), the
+    ``specific_state_<modality>``, ``latent_<modality>`` (each modality's own expert),
+    ``variance_explained`` (factor x view R2, rows = factor names) and
+    ``variance_explained_total`` (rows = views), donor factors ``D`` and ``V`` (rows = donor ids), the
     assignment ``A``, ``loadings_<decoder>`` and ``dispersions_<modality>`` (rows = feature
     names)."""
     tables: dict[str, pd.DataFrame] = {}
@@ -111,6 +114,17 @@ def output_tables(model, dataset) -> dict[str, pd.DataFrame]:
             tables[model.latent_name] = cell_state_table(model, dataset)
         elif kind == "specific_state":
             tables.update(specific_state_tables(model, dataset))
+        elif kind == "variance_explained":
+            from .factors import variance_explained
+
+            r2 = variance_explained(model, dataset)
+            tables["variance_explained"] = r2.per_factor.assign(
+                inactive=[f in r2.inactive for f in r2.per_factor.index])
+            tables["variance_explained_total"] = r2.total.rename("r2").to_frame()
+        elif kind == "modality_latent":
+            from .imputation import modality_latent_tables
+
+            tables.update(modality_latent_tables(model, dataset))
         elif kind == "donor_factors":
             tables.update(donor_factor_tables(model, dataset.donor_index))
         elif kind == "assignment":

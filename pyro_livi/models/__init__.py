@@ -5,14 +5,20 @@ from ._base import DataNeeds, Option, ZooModel
 from ._livi_family import livi_stages
 from .dmlivi import DMLIVI
 from .livi import LIVI
+from .mofa import MOFA
+from .multigrate import Multigrate
 from .multislivi import MultiSLIVI
 from .scvi import SCVI
+from .totalvi import TOTALVI
 
 MODELS: dict[str, type[ZooModel]] = {
     "livi": LIVI,
     "multislivi": MultiSLIVI,
     "dmlivi": DMLIVI,
     "scvi": SCVI,
+    "totalvi": TOTALVI,
+    "multigrate": Multigrate,
+    "mofa": MOFA,
 }
 for _name, _cls in MODELS.items():
     _cls.registry_name = _name
@@ -26,5 +32,5 @@ def model_class(name: str) -> type[ZooModel]:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}") from None
 
 
-__all__ = ["DataNeeds", "DMLIVI", "LIVI", "MODELS", "MultiSLIVI", "Option", "SCVI", "ZooModel",
-           "livi_stages", "model_class"]
+__all__ = ["DataNeeds", "DMLIVI", "LIVI", "MODELS", "MOFA", "Multigrate", "MultiSLIVI", "Option", "SCVI",
+           "TOTALVI", "ZooModel", "livi_stages", "model_class"]

@@ -21,7 +21,8 @@ from ..infer.stages import EarlyStopping, Stage
 _instance_counter = itertools.count()
 
 #: the kinds of output table a model can declare (computed by :mod:`pyro_livi.analysis.latents`)
-OUTPUT_KINDS = ("latent", "specific_state", "donor_factors", "assignment", "loadings", "dispersions")
+OUTPUT_KINDS = ("latent", "specific_state", "modality_latent", "donor_factors", "assignment", "loadings",
+                "dispersions", "variance_explained")
 
 
 @dataclass(frozen=True)

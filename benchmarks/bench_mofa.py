@@ -1,0 +1,229 @@
+"""The MOFA-like model of the zoo beside mofapy2 0.7.5, on planted data and on a real CITE-seq set.
+
+Run with the separate environment that holds mofapy2 (see benchmarks/README.md)::
+
+    /work/venv-mofa/bin/python benchmarks/bench_mofa.py [--data ../shared/data/citeseq/pbmc10k_cite.h5mu]
+
+For each data set both models are fitted with the same K, one after the other in one run, each
+in its own forked process (time: wall clock of the fit; memory: peak resident set size of that
+process above its size at the fork, from /proc/self/status VmHWM). Both use one thread.
+
+Reported per data set: per-view total R2 of each model (mofapy2: its own
+``calculate_variance_explained``; zoo: :func:`pyro_livi.analysis.factors.variance_explained`,
+the same definition), the top 5 active mofapy2 factors (by total R2; active: R2 >= 1e-3 in some view) matched one to one to the zoo's
+factors by |Pearson r| of the factor values (Hungarian assignment), the multiple correlation of
+each of them with all the zoo's factors (agreement of the spans, whatever the rotation), time
+and peak memory.
+Planted data also get |r| of each model's best match to every true factor.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy.optimize import linear_sum_assignment  # noqa: E402
+
+DATA = Path(os.environ.get("PYRO_LIVI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def planted(seed=0, n=300, G=(200, 50), K=3, density=0.1, noise=0.5):
+    """Z (n, K) ~ N(0, 1); W_v (K, G_v) with entries N(0, 1) kept with probability ``density``;
+    factor 2 private to view 0 (zero loadings in view 1); Y_v = Z W_v + N(0, noise^2)."""
+    rng = np.random.default_rng(seed)
+    Z = rng.normal(size=(n, K))
+    Ws = []
+    for v, g in enumerate(G):
+        W = rng.normal(size=(K, g)) * (rng.random((K, g)) < density)
+        if v == 1:
+            W[2] = 0.0
+        Ws.append(W)
+    Ys = [(Z @ W + noise * rng.normal(size=(n, W.shape[1]))).astype(np.float32) for W in Ws]
+    return Z, Ws, Ys
+
+
+def _rss_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+def _in_child(fn, *args):
+    """Run ``fn(*args)`` in a forked process; returns (result, seconds, peak MiB above start)."""
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+
+    def target():
+        start = _rss_kib("VmRSS")
+        t = time.perf_counter()
+        out = fn(*args)
+        seconds = time.perf_counter() - t
+        child.send((out, seconds, (_rss_kib("VmHWM") - start) / 1024))
+        child.close()
+
+    proc = ctx.Process(target=target)
+    proc.start()
+    result = parent.recv()
+    proc.join()
+    return result
+
+
+def fit_mofapy2(views: dict, K: int, seed: int = 0):
+    """mofapy2 0.7.5 with its defaults (ARD + spike-and-slab weights, Gaussian views, features
+    centred, views not scaled, convergence_mode "fast", at most 1000 iterations)."""
+    from mofapy2.run.entry_point import entry_point
+
+    ent = entry_point()
+    ent.set_data_options(scale_views=False, center_groups=True)
+    ent.set_data_matrix([[np.asarray(Y, dtype=np.float64)] for Y in views.values()],
+                        likelihoods=["gaussian"] * len(views), views_names=list(views))
+    ent.set_model_options(factors=K, spikeslab_weights=True, ard_weights=True)
+    ent.set_train_options(iter=1000, convergence_mode="fast", seed=seed, verbose=False, quiet=True)
+    ent.build()
+    ent.run()
+    model = ent.model
+    Z = model.nodes["Z"].getExpectation()
+    r2 = np.asarray(model.calculate_variance_explained())[0]  # (views, factors), one group
+    total = np.asarray(model.calculate_variance_explained(total=True))[0]
+    return {"Z": Z, "r2": r2, "total": total, "K": Z.shape[1]}
+
+
+def fit_zoo(data, spec_kwargs: dict, K: int, epochs: int, batch_size: int, patience=None, seed: int = 0):
+    import torch
+
+    torch.set_num_threads(1)
+    from pyro_livi.analysis.factors import variance_explained
+    from pyro_livi.analysis.latents import cell_state
+    from pyro_livi.run import fit
+
+    result = fit(data, model="mofa", n_factors=K, epochs=epochs, batch_size=batch_size, seed=seed,
+                 patience=patience, progress=False, **spec_kwargs)
+    ve = variance_explained(result.model, result.dataset)
+    Z = cell_state(result.model, result.dataset)
+    return {"Z": Z, "r2": ve.per_factor.sort_index(key=lambda i: i.str[2:].astype(int)).to_numpy().T,
+            "total": ve.total.to_numpy(), "inactive": ve.inactive, "epochs": len(result.history)}
+
+
+def match(Za, Zb, top):
+    """One-to-one matching of the columns ``top`` of Za to columns of Zb maximising sum |r|."""
+    C = np.corrcoef(Za.T, Zb.T)[:Za.shape[1], Za.shape[1]:]
+    A = np.abs(np.nan_to_num(C[top]))
+    rows, cols = linear_sum_assignment(-A)
+    return [(top[r], int(c), float(A[r, c])) for r, c in zip(rows, cols)]
+
+
+def multiple_r(Za, Zb):
+    """For each column of Za, the correlation between it and its least-squares fit on all
+    columns of Zb (with an intercept): 1 when the factor lies in the span of the other model's
+    factors, whatever the rotation."""
+    X = np.column_stack([np.ones(len(Zb)), Zb])
+    fit = X @ np.linalg.lstsq(X, Za, rcond=None)[0]
+    return np.array([np.corrcoef(Za[:, k], fit[:, k])[0, 1] for k in range(Za.shape[1])])
+
+
+def report(name, views, ref, zoo, truth=None):
+    lines = [f"### {name}", ""]
+    lines.append("| view | R2 total mofapy2 | R2 total zoo | difference |")
+    lines.append("|---|---|---|---|")
+    for v, m in enumerate(views):
+        lines.append(f"| {m} | {ref['total'][v]:.4f} | {zoo['total'][v]:.4f} | {zoo['total'][v] - ref['total'][v]:+.4f} |")
+    order = [int(k) for k in np.argsort(-ref["r2"].sum(0)) if ref["r2"][:, k].max() >= 1e-3]
+    top = order[:5]
+    lines += ["", "| mofapy2 factor (rank by total R2) | R2 per view (mofapy2) | zoo factor | R2 per view (zoo) | abs(r) "
+              "| multiple R on all zoo factors |", "|---|---|---|---|---|---|"]
+    multiple = multiple_r(ref["Z"], zoo["Z"])
+    for rank, (a, b, r) in enumerate(sorted(match(ref["Z"], zoo["Z"], top), key=lambda t: top.index(t[0]))):
+        ra = ", ".join(f"{x:.3f}" for x in ref["r2"][:, a])
+        rb = ", ".join(f"{x:.3f}" for x in zoo["r2"][:, b])
+        lines.append(f"| {a} (#{rank + 1}) | {ra} | z_{b} | {rb} | {r:.3f} | {multiple[a]:.3f} |")
+    lines += ["", f"mofapy2: {ref['K']} factors kept of K; zoo: inactive (R2 < 1e-3 in every view): "
+              f"{zoo['inactive'] or 'none'}; {zoo['epochs']} epochs"]
+    if truth is not None:
+        for label, fitted in (("mofapy2", ref), ("zoo", zoo)):
+            C = np.abs(np.corrcoef(truth.T, fitted["Z"].T)[:truth.shape[1], truth.shape[1]:])
+            lines.append(f"best abs(r) to each true factor, {label}: " + ", ".join(f"{x:.3f}" for x in C.max(1)))
+    lines += ["", f"| | time (s) | peak memory above start (MiB) |", "|---|---|---|",
+              f"| mofapy2 | {ref['seconds']:.1f} | {ref['mib']:.0f} |",
+              f"| zoo MOFA | {zoo['seconds']:.1f} | {zoo['mib']:.0f} |", ""]
+    return "\n".join(lines)
+
+
+def run_planted(K: int, epochs: int, patience):
+    import anndata as ad
+    import mudata as md
+
+    Z, _, Ys = planted()
+    views = {"v0": Ys[0], "v1": Ys[1]}
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(Z.shape[0])])
+    mdata = md.MuData({m: ad.AnnData(Y, obs=obs.copy(), var=pd.DataFrame(index=[f"{m}_{j}" for j in range(Y.shape[1])]))
+                       for m, Y in views.items()})
+    spec = dict(modalities={"v0": None, "v1": None}, continuous_modalities=["v0", "v1"])
+    ref, s, mib = _in_child(fit_mofapy2, views, K)
+    ref.update(seconds=s, mib=mib)
+    zoo, s, mib = _in_child(fit_zoo, mdata, spec, K, epochs, Z.shape[0], patience)
+    zoo.update(seconds=s, mib=mib)
+    return report(f"Planted: 300 cells, views of 200 and 50 features, 3 true factors, K = {K}",
+                  list(views), ref, zoo, truth=Z)
+
+
+def run_citeseq(path: Path, K: int, epochs: int, batch_size: int, patience):
+    import mudata as md
+
+    from pyro_livi.preprocessing import preprocess
+
+    mdata = preprocess(md.read_h5mu(path), rna="lognorm_hvg", prot="clr")
+    views = {}
+    for m in ("rna", "prot"):
+        X = mdata.mod[m].X
+        views[m] = np.asarray(X.todense() if hasattr(X, "todense") else X, dtype=np.float32)
+    spec = dict(modalities={"rna": None, "prot": None}, continuous_modalities=["rna", "prot"])
+    ref, s, mib = _in_child(fit_mofapy2, views, K)
+    ref.update(seconds=s, mib=mib)
+    zoo, s, mib = _in_child(fit_zoo, mdata, spec, K, epochs, batch_size, patience)
+    zoo.update(seconds=s, mib=mib)
+    shape = ", ".join(f"{m} {v.shape[0]} x {v.shape[1]}" for m, v in views.items())
+    return report(f"{path.name}: log-normalised HVG RNA + CLR protein ({shape}), K = {K}",
+                  list(views), ref, zoo)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA / "citeseq" / "pbmc10k_cite.h5mu")
+    parser.add_argument("--factors", type=int, default=10, help="K on the CITE-seq data")
+    parser.add_argument("--epochs", type=int, default=600, help="epochs of the zoo model, planted data")
+    parser.add_argument("--epochs-real", type=int, default=200, help="epochs of the zoo model, CITE-seq data")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="early stopping of the zoo model (default: none, every epoch runs)")
+    parser.add_argument("--batch-size", type=int, default=1024, help="zoo minibatch on the CITE-seq data")
+    parser.add_argument("--skip-real", action="store_true")
+    args = parser.parse_args(argv)
+    import mofapy2
+    import torch
+
+    print(f"# bench_mofa.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+          f"mofapy2 {getattr(mofapy2, '__version__', '0.7.5')}, torch {torch.__version__}, python "
+          f"{sys.version.split()[0]}; one thread each\n")
+    print(run_planted(6, args.epochs, args.patience), flush=True)
+    if not args.skip_real:
+        if not args.data.exists():
+            print(f"{args.data} not found: set PYRO_LIVI_DATA or --data")
+            return 1
+        print(run_citeseq(args.data, args.factors, args.epochs_real, args.batch_size, args.patience), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
