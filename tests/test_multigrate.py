@@ -25,7 +25,14 @@ from pyro_livi.paths import shared_data_dir
 from pyro_livi.run import build_model, fit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-md.set_options(pull_on_update=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _mudata_keeps_modality_obs():
+    """MuData objects built here do not pull .obs columns from their modalities; the option is
+    restored for the other test modules."""
+    with md.set_options(pull_on_update=False):
+        yield
 
 CITESEQ = shared_data_dir() / "citeseq"
 RUNS = {"10k": CITESEQ / "pbmc10k_protein_200cells.h5ad", "5k": CITESEQ / "pbmc5k_protein_200cells.h5ad"}

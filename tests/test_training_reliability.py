@@ -21,7 +21,7 @@ from pyro_livi.rundir import prepare_run_dir, run_outputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-FAST = dict(model="scvi", epochs=3, patience=None, batch_size=64, progress=False)
+FAST = dict(model="scvi", epochs=3, patience=None, batch_size=64, train_size=1.0, progress=False)
 
 
 def make_adata(n_cells=120, n_genes=30, seed=0) -> ad.AnnData:
@@ -55,7 +55,7 @@ def error_line(err: str) -> str:
 # ------------------------------------------------------------------------ 4. divergence
 def test_divergence_on_the_cli_is_one_line_naming_site_epoch_and_an_existing_checkpoint(h5ad, tmp_path, capsys):
     rc, err = cli(capsys, "--model", "scvi", "--data", h5ad, "--lr", 1, "--epochs", 5, "--batch-size", 200,
-                  "--out", tmp_path / "run")
+                  "--train-size", 1, "--out", tmp_path / "run")
     assert rc == 3
     line = error_line(err)
     assert "training diverged in stage 'train' at epoch 1" in line
@@ -102,6 +102,12 @@ def test_a_non_finite_gradient_stops_before_the_step_and_names_the_parameter(h5a
     with pytest.raises(TrainingDivergedError, match=rf"epoch 1 \(batch 0\): the gradient of parameter\(s\) \['{name}'\]"):
         trainer.fit()
     assert torch.isfinite(param).all()  # the step was not taken
+
+
+def test_divergence_seen_on_the_validation_cells_is_named(h5ad, tmp_path):
+    with pytest.raises(TrainingDivergedError, match="validation cells") as info:
+        fit(h5ad, **dict(FAST, lr=1.0, batch_size=200, train_size=0.8))
+    assert info.value.stage == "train"
 
 
 def test_python_divergence_error_carries_the_details(h5ad, tmp_path):

@@ -301,10 +301,20 @@ class Trainer:
             with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
                 torch.manual_seed(self.config.seed + self._position["epoch"])
                 for batch in MinibatchLoader(cells, batch_size=self.config.batch_size, shuffle=False):
-                    terms = elbo_terms(self.stage_model, self.stage_guide, batch.to(device))
+                    batch = batch.to(device)
+                    try:
+                        terms = elbo_terms(self.stage_model, self.stage_guide, batch)
+                    except (ValueError, torch.linalg.LinAlgError) as err:
+                        what = self._diagnose(batch)
+                        if what is None and not _numerical(err):
+                            raise
+                        raise self._diverged(stage, None, "on the validation cells: "
+                                             + (what or _first_line(err))) from err
                     total += float(sum(terms.values())) * batch.size / cells.n_cells
         finally:
             self.model.train(was_training)
+        if not math.isfinite(total):
+            raise self._diverged(stage, None, f"the loss of the validation cells became {total}")
         return total / cells.n_cells
 
     # ------------------------------------------------------------ numerical failures
