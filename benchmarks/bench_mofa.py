@@ -33,25 +33,11 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from pyro_livi.simulate import simulate_factor_views as planted  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 
 DATA = Path(os.environ.get("PYRO_LIVI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def planted(seed=0, n=300, G=(200, 50), K=3, density=0.1, noise=0.5):
-    """Z (n, K) ~ N(0, 1); W_v (K, G_v) with entries N(0, 1) kept with probability ``density``;
-    factor 2 private to view 0 (zero loadings in view 1); Y_v = Z W_v + N(0, noise^2)."""
-    rng = np.random.default_rng(seed)
-    Z = rng.normal(size=(n, K))
-    Ws = []
-    for v, g in enumerate(G):
-        W = rng.normal(size=(K, g)) * (rng.random((K, g)) < density)
-        if v == 1:
-            W[2] = 0.0
-        Ws.append(W)
-    Ys = [(Z @ W + noise * rng.normal(size=(n, W.shape[1]))).astype(np.float32) for W in Ws]
-    return Z, Ws, Ys
 
 
 def _rss_kib(field: str) -> int:

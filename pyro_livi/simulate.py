@@ -788,3 +788,24 @@ def _readme(sim: SimulatedData, tables: dict[str, pd.DataFrame]) -> str:
             "`true_library` of modality `prot` holds it.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def simulate_factor_views(seed: int = 0, n: int = 300, G=(200, 50), K: int = 3, density: float = 0.1,
+                          noise: float = 0.5):
+    """Data from a MOFA-like linear factor model with sparse loadings (the MOFA-like model's own
+    generative process, Gaussian views).
+
+    Z (n, K) ~ N(0, 1); per view v, loadings W_v (K, G_v) with N(0, 1) entries kept with
+    probability ``density``; factor 2 is private to view 0 (zero loadings in every other view);
+    Y_v = Z W_v + N(0, noise^2). Returns ``(Z, [W_v], [Y_v])``, Y_v float32 of shape (n, G_v).
+    """
+    rng = np.random.default_rng(seed)
+    Z = rng.normal(size=(n, K))
+    Ws = []
+    for v, g in enumerate(G):
+        W = rng.normal(size=(K, g)) * (rng.random((K, g)) < density)
+        if v > 0 and K > 2:
+            W[2] = 0.0
+        Ws.append(W)
+    Ys = [(Z @ W + noise * rng.normal(size=(n, W.shape[1]))).astype(np.float32) for W in Ws]
+    return Z, Ws, Ys

@@ -12,23 +12,9 @@ from pyro_livi.analysis.factors import r2_from_arrays, variance_explained
 from pyro_livi.data import DatasetSpec, read_dataset
 from pyro_livi.infer import Trainer, TrainingConfig, elbo_terms
 from pyro_livi.models import MOFA
+from pyro_livi.simulate import simulate_factor_views as planted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def planted(seed=0, n=300, G=(200, 50), K=3, density=0.1, noise=0.5):
-    """Z (n, K) ~ N(0, 1); W_v (K, G_v) N(0, 1) entries kept with probability ``density``;
-    factor 2 private to view 0; Y_v = Z W_v + N(0, noise^2)."""
-    rng = np.random.default_rng(seed)
-    Z = rng.normal(size=(n, K))
-    Ws = []
-    for v, g in enumerate(G):
-        W = rng.normal(size=(K, g)) * (rng.random((K, g)) < density)
-        if v == 1:
-            W[2] = 0.0
-        Ws.append(W)
-    Ys = [(Z @ W + noise * rng.normal(size=(n, W.shape[1]))).astype(np.float32) for W in Ws]
-    return Z, Ws, Ys
 
 
 def as_dataset(views: dict, *, continuous=None, keep=None):
