@@ -9,7 +9,16 @@ from pyro_livi.analysis.compare import compare
 from pyro_livi.cli import main
 from pyro_livi.errors import InputError
 
-DATA = "tests/fixtures/v0_1_cells.h5mu"
+
+
+@pytest.fixture(scope="module")
+def DATA(tmp_path_factory):
+    """The 30 fixture cells (RNA + protein, 3 donors) as an .h5mu file."""
+    from fixtures.v0_1_cells import v0_1_cells
+
+    path = tmp_path_factory.mktemp("compare") / "cells.h5mu"
+    v0_1_cells()[1].write(path)
+    return str(path)
 OPTIONS = {"scvi": {"n_latent": 3, "n_hidden": 8}, "livi": {"n_dxc": 2, "n_cell_state": 3, "epochs_vae": 1}}
 
 
@@ -18,7 +27,7 @@ def _one_thread(one_torch_thread):
     pass
 
 
-def test_compare_fits_each_model_on_the_same_cells_and_resumes(tmp_path, monkeypatch):
+def test_compare_fits_each_model_on_the_same_cells_and_resumes(DATA, tmp_path, monkeypatch):
     table = compare(DATA, ["scvi", "livi", "multislivi"], tmp_path, donor_key=None, epochs=1, batch_size=16,
                     options=OPTIONS, progress=False)
     assert list(table["model"]) == ["scvi", "livi", "multislivi"]
@@ -41,7 +50,7 @@ def test_compare_fits_each_model_on_the_same_cells_and_resumes(tmp_path, monkeyp
     assert again.iloc[0]["ari"] == saved["ari"]
 
 
-def test_compare_with_donors_and_labels(tmp_path):
+def test_compare_with_donors_and_labels(DATA, tmp_path):
     code = main(["compare", "--data", DATA, "--models", "livi", "--donor-key", "donor", "--label-key", "donor",
                  "--epochs", "1", "--batch-size", "16", "--options", json.dumps(OPTIONS), "--out", str(tmp_path)])
     assert code == 0
@@ -50,7 +59,7 @@ def test_compare_with_donors_and_labels(tmp_path):
     assert pd.notna(table.loc[0, "isolated_label_silhouette"])
 
 
-def test_compare_names_bad_input(tmp_path):
+def test_compare_names_bad_input(DATA, tmp_path):
     with pytest.raises(InputError, match="--models"):
         compare(DATA, ["nope"], tmp_path)
     with pytest.raises(InputError, match="--modalities"):

@@ -224,9 +224,12 @@ def test_models_saved_by_version_0_1_still_load(name):
     """Files written by pyro_livi 0.1 (tests/fixtures/make_v0_1.py) load and give the same latent."""
     from pathlib import Path
 
+    from fixtures.v0_1_cells import v0_1_cells
+
     here = Path(__file__).parent / "fixtures"
     model, meta = load_model(here / f"{name}_v0_1.pt")
-    data = here / ("v0_1_cells.h5ad" if name == "livi" else "v0_1_cells.h5mu")
+    rna, mdata = v0_1_cells()
+    data = rna if name == "livi" else mdata
     dataset = read_dataset(data, DatasetSpec.from_dict(meta["spec"]), donor_index=meta["donor_index"])
     from pyro_livi.analysis.latents import cell_state
 
