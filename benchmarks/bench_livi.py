@@ -48,6 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model
+
 import torch
 from torch import nn
 
@@ -57,14 +59,7 @@ KIB = 1024
 # ------------------------------------------------------------------------------ machine
 def machine_description(device: str) -> dict:
     """CPU model, core count, library versions, torch threads, load average, GPU name."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import pyro
 
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "pyro": pyro.__version__,

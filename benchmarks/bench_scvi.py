@@ -62,6 +62,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model
+
 import numpy as np
 
 DATA = Path(os.environ.get("PYRO_LIVI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -477,14 +479,7 @@ def _fmt(v, spec="{:,.1f}"):
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__}
     for mod in ("scvi", "pyro", "lightning"):
