@@ -173,6 +173,10 @@ def test_fit_one_epoch_outputs_and_save_load(name, tmp_path):
             assert set(table.index) == set(latent.columns) and set(dataset.modalities) <= set(table.columns)
         elif table_name == "variance_explained_total":
             assert set(table.index) == set(dataset.modalities)
+        elif table_name in ("denoised_protein", "protein_foreground_probability"):
+            assert list(table.index) == list(dataset.obs_names)
+            assert list(table.columns) == list(map(str, dataset.feature_names[dataset.modalities[1]]))
+            assert (table.to_numpy() >= 0).all()
         elif table_name != "A":
             assert list(table.index) == list(dataset.obs_names), table_name
     assert ("D" in tables) == (MODELS[name].data_needs.donors != "unused")

@@ -107,7 +107,8 @@ def output_tables(model, dataset) -> dict[str, pd.DataFrame]:
     ``variance_explained`` (factor x view R2, rows = factor names) and
     ``variance_explained_total`` (rows = views), donor factors ``D`` and ``V`` (rows = donor ids), the
     assignment ``A``, ``loadings_<decoder>`` and ``dispersions_<modality>`` (rows = feature
-    names)."""
+    names), ``denoised_protein`` and ``protein_foreground_probability`` (totalVI-like models;
+    rows = cell ids, columns = proteins)."""
     tables: dict[str, pd.DataFrame] = {}
     for kind in model.outputs:
         if kind == "latent":
@@ -131,6 +132,10 @@ def output_tables(model, dataset) -> dict[str, pd.DataFrame]:
             tables["A"] = assignment_table(model)
         elif kind == "loadings":
             tables.update({f"loadings_{k}": v for k, v in loading_tables(model, dataset.feature_names).items()})
+        elif kind == "protein_foreground":
+            from .totalvi_outputs import totalvi_tables
+
+            tables.update(totalvi_tables(model, dataset, rna=False))
         elif kind == "dispersions":
             tables.update({f"dispersions_{k}": v for k, v in dispersion_tables(model, dataset.feature_names).items()})
         else:

@@ -44,7 +44,7 @@ def _check_model(model) -> None:
 @torch.no_grad()
 def totalvi_tables(model, dataset, *, library_size: float | str = "observed", n_samples: int = 0,
                    include_background: bool = False, batch_size: int = 1024, seed: int = 0,
-                   ) -> dict[str, pd.DataFrame]:
+                   rna: bool = True) -> dict[str, pd.DataFrame]:
     """Denoised RNA, denoised protein and protein foreground probability of every cell.
 
     Parameters
@@ -56,6 +56,7 @@ def totalvi_tables(model, dataset, *, library_size: float | str = "observed", n_
     n_samples : 0 for plug-in values at the posterior means, else the number of guide draws
         averaged.
     include_background : add the background term pi beta to the denoised protein.
+    rna : False leaves out the denoised RNA (a dense cells x genes table).
 
     Returns
     -------
@@ -70,6 +71,8 @@ def totalvi_tables(model, dataset, *, library_size: float | str = "observed", n_
     generator = torch.Generator().manual_seed(seed)
     parts: dict[str, list[np.ndarray]] = {"denoised_rna": [], "denoised_protein": [],
                                           "protein_foreground_probability": []}
+    if not rna:
+        del parts["denoised_rna"]
     was_training = model.training
     model.eval()
     try:
@@ -94,7 +97,8 @@ def totalvi_tables(model, dataset, *, library_size: float | str = "observed", n_
                 protein = fore * beta * out["alpha"]
                 if include_background:
                     protein = protein + (1 - fore) * beta
-                acc["denoised_rna"] = acc["denoised_rna"] + out["rho"] * library[:, None]
+                if rna:
+                    acc["denoised_rna"] = acc["denoised_rna"] + out["rho"] * library[:, None]
                 acc["denoised_protein"] = acc["denoised_protein"] + protein
                 acc["protein_foreground_probability"] = acc["protein_foreground_probability"] + fore
             for k in parts:

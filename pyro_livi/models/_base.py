@@ -22,7 +22,7 @@ _instance_counter = itertools.count()
 
 #: the kinds of output table a model can declare (computed by :mod:`pyro_livi.analysis.latents`)
 OUTPUT_KINDS = ("latent", "specific_state", "modality_latent", "donor_factors", "assignment", "loadings",
-                "dispersions", "variance_explained")
+                "dispersions", "variance_explained", "protein_foreground")
 
 
 @dataclass(frozen=True)

@@ -262,7 +262,7 @@ class TOTALVI(ZooModel):
         "n_cells": Option(None, "cells in the training data, for totalVI's warm-up of "
                           "kl_warmup_factor x n_cells steps", type=int, schedule=True),
     }
-    outputs = ("latent", "dispersions")
+    outputs = ("latent", "dispersions", "protein_foreground")
     latent_name = "latent"
     latent_site = "z"
 
