@@ -47,6 +47,14 @@ class DemoSettings:
     batch_size: int = 256
     fdr: float = 0.05
 
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        """Settings for :meth:`SimulationConfig.quick` (``pyro-livi demo --quick``): a smaller
+        model (K_C 4, K_DxC 4, K_V 2, encoder [64]) and fewer epochs (VAE 40, donor stage at
+        most 150 with patience 10)."""
+        return cls(n_cell_state=4, n_dxc=4, n_persistent=2, encoder_hidden=(64,), epochs_vae=40,
+                   epochs=150, patience=10)
+
 
 def matched_correlations(truth: pd.DataFrame, fitted: pd.DataFrame) -> np.ndarray:
     """|Pearson r| across donors between each planted factor and the fitted factor it is
@@ -103,12 +111,15 @@ def score_recovery(results: pd.DataFrame, effects: pd.DataFrame) -> dict:
 
 
 def run_demo(out: str | Path, *, seed: int = 0, config: SimulationConfig | None = None,
-             settings: DemoSettings | None = None, progress: bool = True) -> dict:
-    """Run the whole job into ``out``; returns the recovery figures (also in ``summary.md``)."""
+             settings: DemoSettings | None = None, progress: bool = True, quick: bool = False) -> dict:
+    """Run the whole job into ``out``; returns the recovery figures (also in ``summary.md``).
+
+    ``quick``: the smaller population and model of :meth:`SimulationConfig.quick` and
+    :meth:`DemoSettings.quick` (for ``config`` / ``settings`` not given)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = config or SimulationConfig.demo()
-    settings = settings or DemoSettings()
+    config = config or (SimulationConfig.quick() if quick else SimulationConfig.demo())
+    settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     say = print if progress else (lambda *a, **k: None)
     start = time.perf_counter()
 

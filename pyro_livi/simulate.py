@@ -167,6 +167,18 @@ class SimulationConfig:
         return cls(n_donors=120, cells_per_donor=40.0, n_genes=500, n_snps=2000,
                    k_c=8, k_dxc=4, k_v=2, n_cell_types=4, h2_d=0.3, h2_v=0.3)
 
+    @classmethod
+    def quick(cls) -> "SimulationConfig":
+        """A smaller population for a first look (``pyro-livi demo --quick``).
+
+        80 donors x ~25 cells (about 2,000 cells), 200 genes, 500 SNPs, K_C 4 with 3 cell
+        types, 2 planted D x C factors and 1 planted V factor with h2 0.5 each (expected chi2
+        about N_y * h2 = 40 for a well recovered factor, beyond a Bonferroni threshold over
+        3 x 500 tests).
+        """
+        return cls(n_donors=80, cells_per_donor=25.0, n_genes=200, n_snps=500,
+                   k_c=4, k_dxc=2, k_v=1, n_cell_types=3, h2_d=0.5, h2_v=0.5)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of the fields."""
         out = dataclasses.asdict(self)

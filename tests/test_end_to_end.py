@@ -1,6 +1,8 @@
 """End to end on the main job's simulated population: LIVI recovers the planted structure, and
 the association scan of its donor factors recovers the planted trans-eQTLs."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from pyro_livi.cli import main
-from pyro_livi.demo import matched_correlations, run_demo, score_recovery
+from pyro_livi.demo import DemoSettings, matched_correlations, run_demo, score_recovery
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,24 @@ def test_planted_trans_eqtls_are_found_with_few_false_discoveries(demo):
     assert recovery["power_D"] >= 0.8 and recovery["power_V"] >= 0.8, recovery
     assert recovery["false_discovery_proportion"] <= 0.10, recovery
     assert 0.9 <= recovery["lambda_gc"] <= 1.1, recovery
+
+
+def test_donor_stage_stops_when_stalled(demo):
+    """The donor stage ends by early stopping, well before its 300-epoch cap, once its loss has
+    stalled and the donor factors have settled (the recovery tests above hold for that fit)."""
+    out, _ = demo
+    history = pd.read_csv(out / "run" / "history.tsv", sep="\t")
+    donor = history[history["stage"] == "donor"]
+    assert len(donor) < 0.7 * DemoSettings().epochs
+    assert donor["factor_change"].iloc[-1] < 1e-3
+
+
+@pytest.mark.slow
+def test_quick_demo_finds_its_planted_snps(tmp_path):
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    recovery = json.loads((tmp_path / "summary.json").read_text())
+    assert recovery["n_planted_snps"] == 3 and recovery["power"] == 1.0, recovery
+    assert recovery["false_discovery_proportion"] <= 0.10 and 0.9 <= recovery["lambda_gc"] <= 1.1, recovery
 
 
 def test_score_recovery_counts_found_and_false_pairs():

@@ -89,4 +89,4 @@ def test_early_stopping_waits_for_the_donor_factors(data):
     Trainer(model, data, livi_stages(2, 0), config()).fit()
     stage = livi_stages(1, 30)[-1]
     stage.early_stopping = EarlyStopping(patience=2, min_delta=1.0, watch=("D_loc", "V_loc"), factor_tol=1e9)
-    assert len(Trainer(model, data, [stage], config()).fit()) == 3
+    assert len(Trainer(model, data, [stage], config()).fit()) == 4  # two full windows of `patience` epochs

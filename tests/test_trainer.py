@@ -141,16 +141,37 @@ def test_divergence_names_the_epoch_and_the_last_checkpoint(data, tmp_path):
 
 
 def test_early_stopping_waits_for_the_watched_parameters(data):
-    """A stage whose loss never improves stops after `patience` epochs only once the watched
-    parameters settle."""
+    """A stage whose loss never improves stops after `patience` epochs without watched
+    parameters, and with them only once both windows of `patience` epochs are full and the
+    parameters have settled."""
     model = make_model(data)
-    stop = EarlyStopping(patience=2, min_delta=1.0, watch=("u", "tau_loc"), factor_tol=1e9)
-    stage = Stage("offset", 30, train=("offset",), components=("offset",), early_stopping=stop)
+    stage = Stage("offset", 30, train=("offset",), components=("offset",),
+                  early_stopping=EarlyStopping(patience=2, min_delta=1.0))
     history = Trainer(model, data, [stage], config()).fit()
     assert len(history) == 3  # min_delta=1 (100%) never counts as improving after the first epoch
+    stage.early_stopping = EarlyStopping(patience=2, min_delta=1.0, watch=("u", "tau_loc"), factor_tol=1e9)
+    history = Trainer(model, data, [stage], config()).fit()
+    assert len(history) == 4 and history["factor_change"].iloc[:3].isna().all()
     stage.early_stopping = EarlyStopping(patience=2, min_delta=1.0, watch=("u",), factor_tol=0.0)
     history = Trainer(model, data, [stage], config()).fit()
     assert len(history) == 30  # the watched parameters never settle below a zero tolerance
+
+
+def test_direction_change_ignores_scale_and_collapsed_columns():
+    from pyro_livi.infer.stages import direction_change
+
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(1000, 3, generator=g)
+    assert direction_change(3.0 * old + 1.0, old) == pytest.approx(0.0, abs=1e-6)
+    assert direction_change(-old, old) == pytest.approx(0.0, abs=1e-6)  # sign is not a direction change
+    turned = old.clone()
+    turned[:, 0] = torch.randn(1000, generator=g)  # one of three equal-variance columns replaced
+    assert 0.25 < direction_change(turned, old) < 0.4
+    collapsed = old.clone()
+    collapsed[:, 0] = 1e-3 * torch.randn(1000, generator=g)  # a column with no spread across rows
+    assert direction_change(collapsed, old) < 1e-5
+    assert direction_change(old[:, 0], old[:, 0]) == pytest.approx(0.0, abs=1e-6)
+    assert direction_change(torch.tensor(2.0), torch.tensor(1.0)) == pytest.approx(0.5)  # a scalar
 
 
 def test_unknown_group_or_component_is_reported(data):
@@ -192,9 +213,9 @@ def test_validation_cells_are_scored_without_changing_training(data):
     watched = []
 
     class Spy(Trainer):
-        def _stalled(self, stop, loss, before, after):
+        def _stalled(self, stop, loss, snapshot):
             watched.append(loss)
-            return super()._stalled(stop, loss, before, after)
+            return super()._stalled(stop, loss, snapshot)
 
     history = Spy(make_model(data), train, [Stage("base", 2, train=("encoder", "decoder"), early_stopping=stop)],
                   config(), validation=held).fit()

@@ -40,13 +40,14 @@ def derived_labels(dataset, *, n_pcs: int = 15, resolution: float = 1.0, seed: i
 
 def _read(data):
     import anndata as ad
-    import mudata as md
+
+    from ..data.expression import read_h5mu
 
     if isinstance(data, (str, Path)):
         path = Path(data)
         if not path.is_file():
             raise InputError(path, "--data", "file not found", "give an existing .h5ad or .h5mu file")
-        return md.read_h5mu(path) if path.suffix == ".h5mu" else ad.read_h5ad(path)
+        return read_h5mu(path) if path.suffix == ".h5mu" else ad.read_h5ad(path)
     return data
 
 

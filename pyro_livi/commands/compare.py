@@ -3,14 +3,15 @@ metrics side by side."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 
 def register(subparsers) -> None:
+    from ._help import DefaultsHelpFormatter
+
     p = subparsers.add_parser(
         "compare", help="fit several models on the same cells and compare them (ARI, NMI, silhouette, ...)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Fit each model on the same training cells (each modality given as the model prefers: "
         "raw counts, or log-normalised RNA / CLR proteins), then write OUT/compare.md, OUT/compare.tsv and "
         "OUT/umap_grid.png: ARI, NMI, silhouette, graph connectivity, isolated-label silhouette, the label "

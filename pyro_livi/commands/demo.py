@@ -12,6 +12,9 @@ def register(subparsers) -> None:
         "donor factor against every SNP, and write results, plots and summary.md to --out.")
     p.add_argument("--out", required=True, help="output folder (created when missing)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the simulation and the fit (an integer)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller population (80 donors, ~2,000 cells, 200 genes, 500 SNPs) and model "
+                   "for a first look in well under a minute")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
 
@@ -19,5 +22,5 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from ..demo import run_demo
 
-    run_demo(args.out, seed=args.seed, progress=not args.quiet)
+    run_demo(args.out, seed=args.seed, progress=not args.quiet, quick=args.quick)
     return 0

@@ -274,6 +274,18 @@ def _value_totals(m: _CountMatrix, source: str, name: str, continuous: bool, cel
 # --------------------------------------------------------------------------------------
 
 
+def read_h5mu(path, **kwargs):
+    """``mudata.read_h5mu`` without mudata's FutureWarning about ``update()`` pulling columns
+    (printed once per modality on every read; reading is unchanged)."""
+    import warnings
+
+    import mudata as md
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="mudata")
+        return md.read_h5mu(path, **kwargs)
+
+
 def _open(data, backed: bool):
     """``(object, source)``: the AnnData/MuData to read and the name used in messages."""
     if isinstance(data, (str, Path)):
@@ -287,7 +299,7 @@ def _open(data, backed: bool):
             if suffix == ".h5ad":
                 return ad.read_h5ad(path, backed="r" if backed else None), source
             if suffix == ".h5mu":
-                return md.read_h5mu(path, backed=bool(backed)), source
+                return read_h5mu(path, backed=bool(backed)), source
         except (OSError, KeyError, ValueError, TypeError) as err:
             raise InputError(source, "<file>", f"could not be read ({type(err).__name__}: {err})",
                              "check that the file is a complete AnnData (.h5ad) or MuData "

@@ -7,12 +7,21 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class EarlyStopping:
-    """Stop a stage once it has stalled for ``patience`` consecutive epochs.
+    """Stop a stage once its loss has stalled for ``patience`` consecutive epochs and the
+    watched parameters have settled.
 
-    An epoch *stalls* when the per-cell training loss did not improve on the stage's best by
-    more than ``min_delta`` (relative) **and** every watched parameter (e.g. the donor factors
-    ``D_loc``, ``V_loc``) moved by less than ``factor_tol`` relative to its norm. Watching the
-    factors keeps a stage going while the donor embeddings still move under a flat loss.
+    An epoch *stalls* when the monitored per-cell loss did not improve on the stage's best by
+    more than ``min_delta`` (relative). The watched parameters (e.g. the donor factors
+    ``D_loc``, ``V_loc``; rows = donors, columns = factors) have *settled* when their columns
+    point the same way in the last ``patience`` epochs as in the ``patience`` epochs before:
+    with m and m' the two windows' means of a parameter, the change is the mean over columns k
+    of 1 - |corr(m_k, m'_k)|, weighted by the variance of m_k across rows (see
+    :func:`direction_change`), and must stay below ``factor_tol`` for every watched parameter.
+    The measure ignores each factor's scale (traded freely against its loadings, and irrelevant
+    to association tests) and the epoch-to-epoch jitter of stochastic optimisation (averaged
+    over the windows), and collapsed factors, whose direction is noise, carry little weight.
+    Watching the factors keeps a stage going while the donor embeddings still turn under a flat
+    loss; with watched parameters a stage runs at least ``2 * patience`` epochs.
     ``monitor``: the loss watched, ``"validation_loss"`` (the held-out cells' loss),
     ``"loss"`` (the training loss) or ``"auto"`` (the held-out loss when the trainer has
     held-out cells, as scvi-tools, else the training loss).
@@ -23,6 +32,22 @@ class EarlyStopping:
     watch: tuple[str, ...] = ()
     factor_tol: float = 1e-3
     monitor: str = "auto"
+
+
+def direction_change(new, old) -> float:
+    """How far the columns of ``new`` turned from those of ``old`` (both (rows, columns); a
+    1-D tensor is one column): sum_k v_k (1 - |r_k|) / sum_k v_k, with r_k the Pearson
+    correlation across rows of column k of ``new`` and ``old`` and v_k the variance of column
+    k of ``new``. 0 when every column is an affine rescaling of the old one; at most 1.
+    A parameter with fewer than two rows has no direction across rows: its relative change
+    ||new - old|| / ||new|| is returned instead."""
+    if new.dim() == 0 or new.shape[0] < 2:
+        return float((new - old).norm() / new.norm().clamp_min(1e-12))
+    new, old = new.reshape(new.shape[0], -1), old.reshape(old.shape[0], -1)
+    a, b = new - new.mean(0), old - old.mean(0)
+    v = (a * a).sum(0)
+    r = (a * b).sum(0) / (v * (b * b).sum(0)).sqrt().clamp_min(1e-30)
+    return float((v * (1 - r.abs())).sum() / v.sum().clamp_min(1e-30))
 
 
 @dataclass

@@ -24,7 +24,7 @@ from ..progress import tqdm
 from ..data.loader import MinibatchLoader
 from ..errors import RunDirectoryError, TrainingDivergedError
 from .elbo import elbo_terms
-from .stages import EarlyStopping, Stage
+from .stages import EarlyStopping, Stage, direction_change
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -160,19 +160,28 @@ class Trainer:
                              f"{type(self.model).__name__} does not have")
         return {w: named[w].detach().clone() for w in stop.watch}
 
-    def _stalled(self, stop: EarlyStopping, loss: float, before: dict, after: dict) -> bool:
-        """Update the early-stopping state with one epoch; True when the stage should end."""
+    def _stalled(self, stop: EarlyStopping, loss: float, watched: dict) -> bool:
+        """Update the early-stopping state with one epoch (its monitored loss and the watched
+        parameters at its end); True when the stage should end (see :class:`EarlyStopping`)."""
         state = self._stop_state
         best = state.get("best", math.inf)
         improved = loss < best - stop.min_delta * abs(best) if math.isfinite(best) else True
-        change = max((float((after[k] - before[k]).norm() / (after[k].norm() + 1e-12)) for k in after),
-                     default=0.0)
         if improved:
             state["best"] = loss
-        settled = change < stop.factor_tol
-        state["stall"] = state.get("stall", 0) + 1 if (not improved and settled) else 0
+        state["stall"] = 0 if improved else state.get("stall", 0) + 1
+        window = state.setdefault("window", [])
+        if watched:
+            window.append({k: v.cpu() for k, v in watched.items()})
+            del window[:-2 * stop.patience]
+        change = 0.0
+        if watched:
+            change = math.nan  # not measured until both windows are full
+            if len(window) == 2 * stop.patience:
+                mean = {k: [torch.stack([w[k] for w in half]).mean(0)
+                            for half in (window[:stop.patience], window[stop.patience:])] for k in watched}
+                change = max(direction_change(last, first) for first, last in mean.values())
         state["factor_change"] = change
-        return state["stall"] >= stop.patience
+        return state["stall"] >= stop.patience and change < stop.factor_tol
 
     # ------------------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> pd.DataFrame:
@@ -183,8 +192,7 @@ class Trainer:
             seed_everything(self.config.seed)
         device = torch.device(self.config.device)
         self.model.to(device)
-        loader = MinibatchLoader(self.dataset, batch_size=self.config.batch_size, shuffle=True,
-                                 seed=self.config.seed)
+        loader = self._make_loader()
         n_cells = self.dataset.n_cells
         bar = None
         try:
@@ -196,18 +204,16 @@ class Trainer:
                            leave=True)
                 stage_index = self._position["stage"]
                 while self._position["stage"] == stage_index:
-                    before = self._watched(stage.early_stopping)
                     record = self._run_epoch(stage, loader, n_cells, device)
                     self._check_epoch(stage, record)
                     if self.validation is not None:
                         record["validation_loss"] = self._validation_loss(stage, device)
                     for group in self._optimizer.param_groups:
                         group["lr"] *= stage.lr_decay ** (1.0 / stage.epochs)
-                    after = self._watched(stage.early_stopping)
                     stopped = False
                     if stage.early_stopping is not None:
                         stopped = self._stalled(stage.early_stopping, self._monitored(stage, record),
-                                                before, after)
+                                                self._watched(stage.early_stopping))
                         record["factor_change"] = self._stop_state["factor_change"]
                     self.history.append(record)
                     self._position["epoch_in_stage"] += 1
@@ -234,6 +240,16 @@ class Trainer:
         for p in self.model.parameters():
             p.requires_grad_(True)
         return self.history_frame()
+
+    def _make_loader(self) -> MinibatchLoader:
+        """The training minibatches: every cell once per epoch, seeded shuffling (hook: data-parallel
+        training, :mod:`pyro_livi.infer.distributed`, gives each process its shard of every batch)."""
+        return MinibatchLoader(self.dataset, batch_size=self.config.batch_size, shuffle=True,
+                               seed=self.config.seed)
+
+    def _after_backward(self) -> None:
+        """Hook between the backward pass and the gradient check of every step; nothing here
+        (data-parallel training averages the gradients over the processes)."""
 
     def _run_epoch(self, stage: Stage, loader: MinibatchLoader, n_cells: int, device) -> dict:
         loader.set_epoch(self._position["epoch"])
@@ -266,6 +282,7 @@ class Trainer:
                 raise self._diverged(stage, n_batches, what)
             self._optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self._after_backward()
             self._check_gradients(stage, n_batches)
             self._optimizer.step()
             for k, v in terms.items():
