@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,7 @@ def fit(
     out: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    nproc: int = 1,
     **options,
 ) -> FitResult:
     """Fit registered model ``model`` (see ``pyro-livi models``) to ``data`` (a path or an
@@ -132,7 +134,23 @@ def fit(
     ``overwrite=True`` removes the old run's outputs first; neither refuses with a
     RunDirectoryError. Raises InputError on bad input, TrainingDivergedError when training fails
     numerically.
+
+    ``nproc`` > 1 trains data-parallel in that many local processes (``torch.distributed``:
+    gloo on CPU, nccl on CUDA; :mod:`pyro_livi.infer.distributed`): every minibatch of
+    ``batch_size`` cells is split among them and their gradients averaged, so the processes
+    follow one optimisation at the global batch size; rank 0 writes ``out``. A process started
+    by ``torchrun`` (``WORLD_SIZE`` > 1 in its environment) trains data-parallel with the other
+    launched processes without ``nproc``.
     """
+    if nproc != 1:
+        given = {k: v for k, v in locals().items() if k not in ("nproc", "options")}
+        if not isinstance(nproc, int) or nproc < 1:
+            raise InputError("<arguments>", "nproc", f"must be a whole number >= 1, got {nproc!r}",
+                             "give the number of processes, e.g. --nproc 2 (nproc=2)")
+        if nproc > 1:
+            split_options(model, options)  # a bad model or option fails here, before any process starts
+            from .infer.distributed import spawn_fit
+            return spawn_fit({**given, **options}, nproc)
     cls = model_class(model)
     model_options, schedule = split_options(model, options)
     spec = DatasetSpec(modalities=modalities or {"rna": layer}, donor_key=donor_key,
@@ -145,8 +163,12 @@ def fit(
                      batch_size=batch_size, lr=lr, seed=seed, **{**declared, **options})
     run_info = {"arguments": json.loads(json.dumps(arguments, default=str)), "spec": spec.to_dict(),
                 "data": None if not isinstance(data, (str, Path)) else str(data)}
-    if out is not None:
+    context = _distributed_context(device)
+    main = context is None or context.is_main
+    if out is not None and main:
         prepare_run_dir(out, resume=resume, overwrite=overwrite, run_info=run_info)
+    if context is not None:
+        context.barrier()  # the run directory is ready before any rank reads a checkpoint
     dataset = read_dataset(data, spec)
     run_info["data_fingerprint"] = data_fingerprint(dataset)
     if out is not None and resume:
@@ -156,15 +178,34 @@ def fit(
     stages = cls.default_stages(epochs=epochs, patience=patience, **schedule)
     config = TrainingConfig(batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress)
     train, validation = training_split(dataset.n_cells, train_size, seed)
-    trainer = Trainer(net, dataset.subset(train) if len(validation) else dataset, stages, config,
-                      checkpoint_dir=Path(out) / CHECKPOINT_DIR if out is not None else None,
-                      run_info=run_info, validation=dataset.subset(validation) if len(validation) else None)
+    trainer_cls, parallel = Trainer, {}
+    if context is not None:
+        from .infer.distributed import DistributedTrainer
+        trainer_cls, parallel = DistributedTrainer, {"context": context}
+    trainer = trainer_cls(net, dataset.subset(train) if len(validation) else dataset, stages, config,
+                          checkpoint_dir=Path(out) / CHECKPOINT_DIR if out is not None else None,
+                          run_info=run_info, validation=dataset.subset(validation) if len(validation) else None,
+                          **parallel)
     history = trainer.fit(resume=resume)
     net.to("cpu")
     result = FitResult(model=net, dataset=dataset, history=history, validation=validation)
-    if out is not None:
+    if out is not None and main:
         write_run_dir(result, out, spec=spec.to_dict(), arguments=arguments)
+    if context is not None:
+        context.barrier()  # every rank returns once rank 0 has written the outputs
     return result
+
+
+def _distributed_context(device: str):
+    """This process's :class:`~pyro_livi.infer.distributed.DistributedContext` when it is one of a
+    data-parallel run (launched by torchrun or ``nproc``, or a process group already set up), else None."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return None
+    from .infer.distributed import DistributedContext
+
+    return DistributedContext.from_env(device)
 
 
 def write_run_dir(result: FitResult, out: str | Path, *, spec: dict | None = None,

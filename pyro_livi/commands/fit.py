@@ -79,7 +79,11 @@ def register(subparsers, argv=None) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train: cpu, or cuda (an NVIDIA GPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice, one per core); 1 is often as fast for "
-                   "small models and never slower on a busy machine")
+                   "small models and never slower on a busy machine; with --nproc, the processes share them")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train data-parallel in this many local processes (torch.distributed: gloo on cpu, "
+                   "nccl on cuda, one GPU each): each minibatch of --batch-size cells is split among them and "
+                   "their gradients averaged. Under torchrun leave it at 1: the launched processes train together")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in RUN_DIR from its checkpoint (RUN_DIR/checkpoints); the "
                    "settings must be those of that run")
@@ -121,6 +125,9 @@ def run(args) -> int:
             raise InputError("<arguments>", "--threads", f"must be >= 1, got {args.threads}",
                              "give a number of threads, e.g. --threads 1")
         torch.set_num_threads(args.threads)
+    if args.nproc < 1:
+        raise InputError("<arguments>", "--nproc", f"must be >= 1, got {args.nproc}",
+                         "give a number of processes, e.g. --nproc 2")
     cls = MODELS[args.model]
     default = "rna" if cls.data_needs.modalities[1] == 1 else "rna,prot"
     modalities = _modalities(args.modalities or default, args.layer)
@@ -139,8 +146,15 @@ def run(args) -> int:
         continuous_modalities=_names(args.continuous_modalities),
         covariate_keys=args.covariate_keys, label_keys=args.label_keys, epochs=args.epochs,
         patience=args.patience or None, train_size=args.train_size, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        device=args.device, out=args.out, resume=args.resume, overwrite=args.overwrite, **options,
+        device=args.device, out=args.out, resume=args.resume, overwrite=args.overwrite, nproc=args.nproc,
+        **options,
     )
+    from ..infer.distributed import is_main_process, shutdown
+
+    main = is_main_process()
+    shutdown()  # under torchrun: the process group fit() opened
+    if not main:
+        return 0
     last = result.history.iloc[-1]
     donors = result.dataset.donor_index
     print(f"fitted {args.model} on {result.dataset.n_cells} cells"
