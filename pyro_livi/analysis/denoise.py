@@ -29,6 +29,13 @@ def _denoised_mean(fn) -> torch.Tensor:
     return fn.mu if hasattr(fn, "mu") else fn.mean
 
 
+def _is_count(fn) -> bool:
+    """Whether the observation distribution is over counts (NB-type or Poisson), whose means
+    scale with the library size; Bernoulli and Normal sites do not."""
+    fn = _elementwise(fn)
+    return hasattr(fn, "mu") or hasattr(fn, "mu_fore") or isinstance(fn, torch.distributions.Poisson)
+
+
 def _check_modality(model, dataset, modality):
     modality = modality or dataset.modalities[0]
     if modality not in dataset.modalities:
@@ -45,8 +52,9 @@ def normalized_expression(model, dataset, *, modality: str | None = None, librar
     Every latent is set to its posterior mean (the encoder's location, the donor point
     estimates), the model is replayed, and the ``obs_<modality>`` site's mean is read (for
     NB-type likelihoods the NB mean mu, as scvi-tools' ``get_normalized_expression``).
-    ``library_size``: counts per cell the means are rescaled to (default 1e4); None keeps each
-    cell's observed total. Continuous modalities are returned as modelled.
+    ``library_size``: counts per cell the means of count likelihoods (NB-type, Poisson) are
+    rescaled to (default 1e4); None keeps each cell's observed total. Continuous modalities
+    and other likelihoods (e.g. ``bernoulli`` probabilities) are returned as modelled.
 
     Returns a DataFrame (cells x features) indexed by cell ids, columns feature names.
     """
@@ -59,9 +67,9 @@ def normalized_expression(model, dataset, *, modality: str | None = None, librar
         for batch in MinibatchLoader(dataset, batch_size=batch_size, shuffle=False):
             guide_trace = poutine.trace(posterior_mean(model.guide)).get_trace(batch)
             trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(batch)
-            mean = _denoised_mean(trace.nodes[f"obs_{modality}"]["fn"])
-            mean = mean.expand(batch.x[modality].shape)
-            if library_size is not None and not continuous:
+            fn = trace.nodes[f"obs_{modality}"]["fn"]
+            mean = _denoised_mean(fn).expand(batch.x[modality].shape)
+            if library_size is not None and not continuous and _is_count(fn):
                 mean = mean / batch.size_factor[modality][:, None] * float(library_size)
             parts.append(mean.cpu().numpy())
     finally:
