@@ -387,41 +387,19 @@ class DistributedTrainer(Trainer):
         pyro.set_rng_seed(_rank_seed(self.config.seed, self._position["epoch"], self.context.rank))
         return self._reduce_record(super()._run_epoch(stage, loader, n_cells, device))
 
-    @torch.no_grad()
-    def _validation_loss(self, stage, device) -> float:
-        """Loss per held-out cell, as in one process: each rank takes its shard of every
-        held-out minibatch (rescaled like training shards), weights the shard's terms by the
-        minibatch's share of the cells, and the ranks' totals are averaged."""
-        cells = self.validation
-        total = 0.0
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-                torch.manual_seed(self.config.seed + self._position["epoch"])
-                loader = ShardedLoader(cells, self.config.batch_size, self.context.rank, self.context.world_size,
-                                       shuffle=False)
-                B = loader.batch_size
-                for k, batch in enumerate(loader):
-                    step_cells = min(B, cells.n_cells - k * B)
-                    batch = batch.to(device)
-                    try:
-                        terms = elbo_terms(self.stage_model, self.stage_guide, batch)
-                    except (ValueError, torch.linalg.LinAlgError) as err:
-                        what = self._diagnose(batch)
-                        if what is None and not _numerical(err):
-                            raise
-                        raise self._diverged(stage, None, "on the validation cells: "
-                                             + (what or _first_line(err))) from err
-                    total += float(sum(terms.values())) * step_cells / cells.n_cells
-        finally:
-            self.model.train(was_training)
+    def _validation_batches(self, cells):
+        """This rank's shard of every held-out minibatch (rescaled like training shards), with
+        the number of held-out cells of the whole minibatch."""
+        loader = ShardedLoader(cells, self.config.batch_size, self.context.rank, self.context.world_size,
+                               shuffle=False)
+        for k, batch in enumerate(loader):
+            yield batch, min(loader.batch_size, cells.n_cells - k * loader.batch_size)
+
+    def _combine_validation(self, total: float) -> float:
+        """The ranks' held-out totals, averaged (each estimates the whole run's)."""
         summed = self._comm(torch.tensor([total], dtype=torch.float64))
         dist.all_reduce(summed)
-        total = float(summed.item()) / self.context.world_size
-        if not np.isfinite(total):
-            raise self._diverged(stage, None, f"the loss of the validation cells became {total}")
-        return total / cells.n_cells
+        return float(summed.item()) / self.context.world_size
 
     def _stalled(self, *args, **kwargs) -> bool:
         """Rank 0's early-stopping decision, on every rank (each rank also updates its own state

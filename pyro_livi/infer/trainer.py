@@ -247,6 +247,17 @@ class Trainer:
         return MinibatchLoader(self.dataset, batch_size=self.config.batch_size, shuffle=True,
                                seed=self.config.seed)
 
+    def _validation_batches(self, cells):
+        """(minibatch, number of held-out cells its terms stand for) over the held-out cells
+        (hook: data-parallel training gives each process its shard of every minibatch)."""
+        for batch in MinibatchLoader(cells, batch_size=self.config.batch_size, shuffle=False):
+            yield batch, batch.size
+
+    def _combine_validation(self, total: float) -> float:
+        """The held-out loss total of this process as the whole run's (hook: data-parallel
+        training averages it over the processes)."""
+        return total
+
     def _after_backward(self) -> None:
         """Hook between the backward pass and the gradient check of every step; nothing here
         (data-parallel training averages the gradients over the processes)."""
@@ -317,7 +328,7 @@ class Trainer:
         try:
             with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
                 torch.manual_seed(self.config.seed + self._position["epoch"])
-                for batch in MinibatchLoader(cells, batch_size=self.config.batch_size, shuffle=False):
+                for batch, n_step in self._validation_batches(cells):
                     batch = batch.to(device)
                     try:
                         terms = elbo_terms(self.stage_model, self.stage_guide, batch)
@@ -327,9 +338,10 @@ class Trainer:
                             raise
                         raise self._diverged(stage, None, "on the validation cells: "
                                              + (what or _first_line(err))) from err
-                    total += float(sum(terms.values())) * batch.size / cells.n_cells
+                    total += float(sum(terms.values())) * n_step / cells.n_cells
         finally:
             self.model.train(was_training)
+        total = self._combine_validation(total)
         if not math.isfinite(total):
             raise self._diverged(stage, None, f"the loss of the validation cells became {total}")
         return total / cells.n_cells
