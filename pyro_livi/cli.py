@@ -23,6 +23,8 @@ COMMAND_MODULES = (
     "evaluate",
     "compare",
     "preprocess",
+    "perturb",
+    "causal",
 )
 
 

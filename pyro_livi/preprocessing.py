@@ -3,9 +3,12 @@
 The steps follow seed 002 section 3 (subsample; keep ``layers["counts"]``; normalise each cell to
 a total of 1e4 and take log(1 + x); 2,000 highly variable genes with the site as batch; CLR of
 the protein counts with ``muon.prot.pp.clr``; assemble a MuData) and seed 004 section 3.2 (keep
-the peaks open in at least 3% of cells; align the modalities on shared barcodes, keeping only
-the cells present in all). ATAC peaks can also be TF-IDF-transformed or binarised
-(``muon.atac.pp``), as in the binary/TF-IDF pipelines seed 004 section 2 reviews.
+the peaks open in at least 3% of cells; normalise RNA to the median total count then log1p,
+recipe ``lognorm_median``; align the modalities on shared barcodes, keeping only the cells
+present in all: :func:`assemble` for one file per modality, :func:`pair_cells` for a MuData;
+drop cells with too few detected features from every modality, :func:`filter_cells`). ATAC
+peaks can also be TF-IDF-transformed or binarised (``muon.atac.pp``), as in the binary/TF-IDF
+pipelines seed 004 section 2 reviews.
 
 Rules every public function keeps
 ---------------------------------
@@ -59,6 +62,8 @@ RECIPES = {
     "counts": "keep_counts only (.X and layers['counts'] both hold the raw counts)",
     "lognorm": "keep_counts, normalize_total, log1p",
     "lognorm_hvg": "keep_counts, normalize_total, log1p, highly_variable_genes",
+    "lognorm_median": "keep_counts, normalize_total to the median total count of the cells, log1p "
+                      "(seed 004 section 3.2.1)",
     "clr": "keep_counts, clr (per cell by default)",
     "tfidf": "keep_counts, filter_peaks, tfidf",
     "binary": "keep_counts, filter_peaks, binarize",
@@ -556,6 +561,106 @@ def assemble(files: Mapping[str, str | Path], join: str = "inner"):
     return mdata
 
 
+def pair_cells(mdata, modalities=None, *, require_all: bool = False, source: str = IN_MEMORY):
+    """Paired-cell alignment by barcode (seed 004 section 3.2.3): a new MuData holding only the
+    cells measured in every modality of ``modalities`` (default: all), each modality's rows in
+    the order of the first modality, so that row i of every modality is the same cell.
+
+    The ``pair_cells`` step records ``n_cells`` (kept), ``unmatched`` ({modality: number of its
+    cells missing from another modality}) and ``unmatched_examples`` ({modality: up to 5 such
+    barcodes}). Modalities not in ``modalities`` are dropped. Raises InputError when
+    ``mdata`` is not a MuData, a modality is unknown or has duplicate barcodes, no barcode is
+    shared, or (``require_all=True``) any barcode is unmatched, naming the modality, the
+    number and examples of the unmatched barcodes, and the fix.
+    """
+    if not _is_mudata(mdata):
+        raise InputError(source, "<file>", "paired-cell alignment needs a MuData with two or more modalities",
+                         f"give an .h5mu file, or assemble one from one .h5ad per modality with {_arg('files')}")
+    names = list(mdata.mod) if modalities is None else list(modalities)
+    for name in names:
+        if name not in mdata.mod:
+            raise InputError(source, f"mod['{name}']", f"no modality '{name}'; the modalities are {list(mdata.mod)}",
+                             "name existing modalities")
+        if not mdata.mod[name].obs_names.is_unique:
+            dup = mdata.mod[name].obs_names[mdata.mod[name].obs_names.duplicated()].unique().tolist()[:5]
+            raise InputError(source, f"mod['{name}'].obs_names", f"duplicate cell barcodes, e.g. {dup}",
+                             "make the barcodes unique (adata.obs_names_make_unique())")
+    keep = mdata.mod[names[0]].obs_names
+    for name in names[1:]:
+        keep = keep[keep.isin(mdata.mod[name].obs_names)]
+    unmatched = {name: int((~mdata.mod[name].obs_names.isin(keep)).sum()) for name in names}
+    examples = {name: mdata.mod[name].obs_names[~mdata.mod[name].obs_names.isin(keep)][:5].tolist()
+                for name in names}
+    if not len(keep):
+        first = {name: mdata.mod[name].obs_names[:3].tolist() for name in names}
+        raise InputError(source, "obs_names", f"no cell barcode is shared by all of {names} (first barcodes: "
+                         f"{first})", "check that the modalities hold the same cells with barcodes written "
+                         "alike (e.g. the same '-1' suffix)")
+    if require_all and any(unmatched.values()):
+        detail = "; ".join(f"'{n}': {k} (e.g. {examples[n]})" for n, k in unmatched.items() if k)
+        raise InputError(source, "obs_names", f"cells measured in only some modalities: {detail}",
+                         f"keep only the paired cells ({_arg('pair')} instead of {_arg('require_paired')}), "
+                         "or fix the barcodes")
+    mods = {name: mdata.mod[name][keep].copy() for name in names}
+    with md.set_options(pull_on_update=False):
+        out = md.MuData(mods)
+    obs = mdata.obs.reindex(keep)
+    for col in obs.columns:
+        if col not in out.obs.columns:
+            out.obs[col] = obs[col].to_numpy()
+    out.uns.update(dict(mdata.uns))
+    _record_everywhere(out, "pair_cells", {"modalities": names, "n_cells": int(len(keep)),
+                                           "n_before": {n: int(mdata.mod[n].n_obs) for n in names},
+                                           "unmatched": unmatched, "unmatched_examples": examples})
+    return out
+
+
+def filter_cells(data, min_features: Mapping[str, int], *, source: str = IN_MEMORY):
+    """Drop the cells with fewer than ``min_features[m]`` non-zero features in modality ``m``
+    (seed 004 section 3.2.1: at least 100 detected genes), from every modality alike so that
+    paired cells stay paired. For an AnnData give one entry (any key). Reads ``.X`` (raw
+    counts: run it before the recipes). Records ``filter_cells`` with the thresholds and the
+    number of cells dropped for each modality. Raises InputError for an unknown modality, a
+    negative threshold, or when no cell is left."""
+    mu = _is_mudata(data)
+    if not mu and len(min_features) > 1:
+        raise InputError(source, "<modalities>", f"thresholds for {list(min_features)} but the file is one AnnData",
+                         f"give one {_arg('min_features')} entry")
+    keep = pd.Series(True, index=data.obs_names)
+    dropped = {}
+    for name, k in min_features.items():
+        if mu and name not in data.mod:
+            raise InputError(source, f"mod['{name}']", f"no modality '{name}'; the modalities are {list(data.mod)}",
+                             f"give {_arg('min_features')} NAME=N for existing modalities")
+        if int(k) < 0:
+            raise InputError(source, f"mod['{name}']", f"minimum of {k} features is negative",
+                             f"give {_arg('min_features')} NAME=N with N >= 0")
+        adata = data.mod[name] if mu else data
+        detected = np.asarray((adata.X != 0).sum(axis=1)).ravel()
+        low = adata.obs_names[detected < int(k)]
+        dropped[name] = int(len(low))
+        keep[keep.index.isin(low)] = False
+    cells = keep.index[keep.to_numpy()]
+    if not len(cells):
+        raise InputError(source, "obs", f"no cell has at least {dict(min_features)} detected features",
+                         f"lower {_arg('min_features')}")
+    if mu:
+        mods = {name: adata[adata.obs_names.isin(cells)].copy() for name, adata in data.mod.items()}
+        with md.set_options(pull_on_update=False):
+            out = md.MuData(mods)
+        obs = data.obs.reindex(out.obs_names)
+        for col in obs.columns:
+            if col not in out.obs.columns:
+                out.obs[col] = obs[col].to_numpy()
+        out.uns.update(dict(data.uns))
+    else:
+        out = data[data.obs_names.isin(cells)].copy()
+    _record_everywhere(out, "filter_cells", {"min_features": {k: int(v) for k, v in min_features.items()},
+                                             "dropped_cells": dropped, "n_before": int(data.n_obs),
+                                             "n_cells": int(out.n_obs)})
+    return out
+
+
 def _recipe_steps(recipe: str, *, counts_layer, target_sum, n_top_genes, batch_key, hvg_flavor,
                   subset_hvg, clr_axis, min_peak_fraction, tfidf_scale_factor):
     """(step name, in-place function, keyword arguments) of each step of a recipe."""
@@ -571,6 +676,8 @@ def _recipe_steps(recipe: str, *, counts_layer, target_sum, n_top_genes, batch_k
         "counts": [keep],
         "lognorm": [keep, norm, log],
         "lognorm_hvg": [keep, norm, log, hvg],
+        "lognorm_median": [keep, ("normalize_total", _normalize_total, {"target_sum": None, "layer": counts_layer}),
+                           log],
         "clr": [keep, ("clr", _clr, {"axis": clr_axis, "layer": counts_layer})],
         "tfidf": [keep, peaks, ("tfidf", _tfidf, {"scale_factor": tfidf_scale_factor,
                                                   "log_tf": True, "log_idf": True,
@@ -586,13 +693,17 @@ def preprocess(data, recipes: Mapping[str, str] | None = None, *,
                hvg_flavor: str = "seurat_v3", subset_hvg: bool = True, clr_axis: int = 1,
                min_peak_fraction: float = 0.03, tfidf_scale_factor: float = 1e4,
                subsample_n: int | None = None, subsample_fraction: float | None = None,
-               seed: int = 0, source: str = IN_MEMORY, **named_recipes: str):
+               seed: int = 0, pair: bool = False, require_paired: bool = False,
+               min_features: Mapping[str, int] | None = None, source: str = IN_MEMORY,
+               **named_recipes: str):
     """Per-modality recipes on a new copy of an AnnData or MuData.
 
     Example: ``preprocess(mdata, rna="lognorm_hvg", prot="clr", atac="tfidf")``; modality names
     that are not Python identifiers go in ``recipes={"name": "recipe"}``. The recipes
     (:data:`RECIPES`) are
 
+    * ``lognorm_median``: :func:`keep_counts`, :func:`normalize_total` to the median total
+      count, :func:`log1p` (seed 004 section 3.2.1);
     * ``lognorm_hvg``: :func:`keep_counts`, :func:`normalize_total` (``target_sum``),
       :func:`log1p`, :func:`highly_variable_genes` (``n_top_genes``, ``batch_key``,
       ``hvg_flavor``, ``subset_hvg``) - seed 002 section 3; ``lognorm`` without the HVGs;
@@ -602,18 +713,27 @@ def preprocess(data, recipes: Mapping[str, str] | None = None, *,
       :func:`log1p`;
     * ``counts``: :func:`keep_counts` only.
 
-    Cells are first subsampled when ``subsample_n`` or ``subsample_fraction`` is given
-    (:func:`subsample`, with ``seed``). Modalities without a recipe are left as they are. For an
+    With ``pair=True`` (or ``require_paired=True``, which also refuses unmatched barcodes) a
+    MuData's modalities are first aligned on their shared barcodes (:func:`pair_cells`), so
+    that peak fractions and median totals refer to the paired cells. Cells are then
+    subsampled when ``subsample_n`` or ``subsample_fraction`` is given
+    (:func:`subsample`, with ``seed``), and cells with too few detected features are dropped
+    from every modality when ``min_features`` ({modality: minimum}) is given
+    (:func:`filter_cells`). Modalities without a recipe are left as they are. For an
     AnnData give one recipe; its key labels the modality in the record. ``batch_key`` is looked
     up in the modality's ``.obs``, then in the MuData's. Returns the new object; ``data`` is not
     changed. Raises InputError for an unknown modality or recipe, or any step's bad input.
     """
     recipes = {**(recipes or {}), **named_recipes}
     _check_recipes(data, recipes, source)
+    if pair or require_paired:
+        data = pair_cells(data, require_all=require_paired, source=source)
     if subsample_n is not None or subsample_fraction is not None:
         out = subsample(data, subsample_n, fraction=subsample_fraction, seed=seed, source=source)
     else:
         out = data.copy()
+    if min_features:
+        out = filter_cells(out, min_features, source=source)
     mu = _is_mudata(out)
     options = dict(counts_layer=counts_layer, target_sum=target_sum, n_top_genes=n_top_genes,
                    batch_key=batch_key, hvg_flavor=hvg_flavor, subset_hvg=subset_hvg,

@@ -33,6 +33,10 @@ TINY = {
     "totalvi": dict(n_latent=3, n_hidden=8, n_layers_encoder=1),
     "multigrate": dict(n_latent=3, n_hidden=8, n_layers=1, cond_dim=2),
     "mofa": dict(n_factors=3),
+    "cmcvae": dict(n_rna_nodes=3, n_prot_nodes=2, n_hidden=8),
+    "gpg": dict(n_latent=3, hidden=[8]),
+    "pgp": dict(n_latent=3, hidden=[8]),
+    "dualvae": dict(n_latent=3, hidden=[8]),
 }
 #: schedule options that keep every stage to one epoch
 ONE_EPOCH = {"livi": dict(epochs_vae=1), "multislivi": dict(epochs_vae=1), "dmlivi": dict(epochs_vae=1)}

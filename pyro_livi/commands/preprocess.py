@@ -13,7 +13,8 @@ FLAGS = {
     "rna": "--rna", "prot": "--prot", "atac": "--atac", "counts_layer": "--counts-layer",
     "batch_key": "--batch-key", "n_top_genes": "--n-top-genes", "clr_axis": "--clr-axis",
     "min_peak_fraction": "--min-peak-fraction", "n": "--subsample",
-    "fraction": "--subsample-fraction",
+    "fraction": "--subsample-fraction", "require_paired": "--require-paired", "pair": "--pair",
+    "min_features": "--min-features",
 }
 
 
@@ -88,6 +89,17 @@ def register(subparsers) -> None:
                    help="keep this fraction of random cells first, seeded by --seed "
                    "(default: all cells)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsampling (default: 0)")
+    p.add_argument("--pair", action="store_true",
+                   help="paired-cell alignment of a MuData: keep only the cells measured in every modality, "
+                   "rows of every modality in the same order, and report the unmatched barcodes (done first, "
+                   "before the recipes) (default: off)")
+    p.add_argument("--require-paired", action="store_true",
+                   help="like --pair, but refuse (exit code 2) when any barcode is measured in only some "
+                   "modalities (default: off)")
+    p.add_argument("--min-features", nargs="+", default=[], metavar="NAME=N",
+                   help="drop the cells with fewer than N non-zero features in modality NAME, from every "
+                   "modality (after --pair and --subsample, before the recipes), e.g. rna=100 atac=1 "
+                   "(default: none)")
     p.set_defaults(func=run)
 
 
@@ -101,6 +113,14 @@ def _pairs(items: list[str], flag: str, what: str) -> dict[str, str]:
                              f"write each item of {flag} as NAME={what}")
         out[name] = value
     return out
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError("<arguments>", flag, f"'{text}' is not an integer",
+                         f"write each item of {flag} as NAME=N") from None
 
 
 def _check_paths(out: Path, inputs: list[Path], overwrite: bool) -> None:
@@ -120,9 +140,11 @@ def run(args) -> int:
     recipes = {m: getattr(args, m) for m in ("rna", "prot", "atac") if getattr(args, m)}
     recipes.update(_pairs(args.recipe, "--recipe", "RECIPE"))
     files = _pairs(args.assemble, "--assemble", "PATH") if args.assemble else None
-    if not recipes and args.subsample is None and args.subsample_fraction is None:
+    pair = args.pair or args.require_paired
+    min_features = {k: _int(v, "--min-features") for k, v in _pairs(args.min_features, "--min-features", "N").items()}
+    if not recipes and args.subsample is None and args.subsample_fraction is None and not pair and not min_features:
         raise InputError("<arguments>", "--rna/--prot/--atac/--recipe", "nothing to do",
-                         "give a recipe for at least one modality, or --subsample")
+                         "give a recipe for at least one modality, --subsample or --pair")
     out = Path(args.out)
     source = args.data if files is None else ", ".join(files.values())
     flags = {**FLAGS, **{n: f"--recipe {n}=RECIPE" for n in recipes if n not in FLAGS}}
@@ -142,7 +164,8 @@ def run(args) -> int:
             subset_hvg=not args.no_hvg_subset, clr_axis=1 if args.clr_axis == "cell" else 0,
             min_peak_fraction=args.min_peak_fraction, tfidf_scale_factor=args.tfidf_scale_factor,
             subsample_n=args.subsample, subsample_fraction=args.subsample_fraction,
-            seed=args.seed, source=source)
+            seed=args.seed, pair=pair, require_paired=args.require_paired, min_features=min_features,
+            source=source)
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".h5mu":
         result.write(out)
@@ -154,6 +177,17 @@ def run(args) -> int:
         if step["step"] == "assemble":
             print(f"assembled {step['params']['n_cells']} cells ({args.join} join); dropped per "
                   f"modality: {step['params']['dropped_cells']}")
+        if step["step"] == "filter_cells":
+            params = step["params"]
+            print(f"kept {params['n_cells']} of {params['n_before']} cells with enough detected features "
+                  f"{params['min_features']}; below the minimum per modality: {params['dropped_cells']}")
+        if step["step"] == "pair_cells":
+            params = step["params"]
+            unmatched = ", ".join(f"{m}: {k}" + (f" (e.g. {', '.join(params['unmatched_examples'][m][:3])})"
+                                                  if k else "")
+                                  for m, k in params["unmatched"].items())
+            print(f"paired {params['n_cells']} cells measured in every modality; unmatched barcodes dropped "
+                  f"per modality: {unmatched}")
     for name, shape in after.items():
         label = name or next(iter(recipes), "data")
         print(f"{label}: {before[name][0]} x {before[name][1]} -> {shape[0]} x {shape[1]} "

@@ -30,14 +30,15 @@ def register(subparsers) -> None:
         help="simulate a population single-cell dataset with planted trans-eQTL effects",
         description="Draw cells, donors and genotypes from LIVI's generative process with known "
         "causal SNPs for the donor factors, and write expression (h5ad, or h5mu with proteins), "
-        "PLINK genotypes and the truth (truth/README.md documents every file).",
+        "PLINK genotypes and the truth (truth/README.md documents every file). With --mode multiome: "
+        "paired RNA + ATAC counts with planted cell types and gene -> peak links.",
     )
     p.add_argument("--out", required=True, type=Path, help="output folder (created when missing)")
     p.add_argument("--seed", type=int, default=0, help="random seed (an integer)")
     p.add_argument("--config", default="demo",
                    help="'demo' (the built-in demo size: 120 donors x ~40 cells, 500 genes, "
-                        "2000 SNPs) or a JSON file of SimulationConfig fields (a written "
-                        "truth/config.json works)")
+                        "2000 SNPs; with --mode multiome 5000 cells, 2000 genes, 20000 peaks) or a JSON "
+                        "file of SimulationConfig (MultiomeConfig) fields (a written truth/config.json works)")
     p.add_argument("--n-donors", type=int, help="number of donors (default: from --config)")
     p.add_argument("--cells-per-donor", type=float, help="mean cells per donor (default: from --config)")
     p.add_argument("--n-genes", type=int, help="number of genes (default: from --config)")
@@ -45,7 +46,24 @@ def register(subparsers) -> None:
     p.add_argument("--n-proteins", type=int, help="number of proteins, 0 for RNA only (default: from --config)")
     p.add_argument("--h2-d", type=float, help="fraction of the variance of each D factor explained by its SNP, 0..1 (default: from --config)")
     p.add_argument("--h2-v", type=float, help="fraction of the variance of each V factor explained by its SNP, 0..1 (default: from --config)")
+    multi = p.add_argument_group(
+        "--mode multiome", "paired RNA + ATAC counts with planted cell types and gene -> peak links: writes "
+        "OUT/multiome.h5mu and OUT/truth/ (links.tsv, cell_types.tsv, genes.tsv, peaks.tsv, config.json, "
+        "README.md); --n-genes applies too, the donor and SNP flags do not")
+    multi.add_argument("--mode", choices=["population", "multiome"], default="population",
+                       help="population: donors, genotypes and planted trans-eQTL effects; multiome: paired "
+                       "RNA + ATAC")
+    multi.add_argument("--n-cells", type=int, help="number of cells (multiome; default 5000, or from --config)")
+    multi.add_argument("--n-peaks", type=int, help="number of peaks (multiome; default 20000, or from --config)")
+    multi.add_argument("--n-cell-types", type=int, help="number of cell types (multiome; default 8)")
+    multi.add_argument("--n-regulators", type=int,
+                       help="number of genes with planted peak links (multiome; default 25)")
     p.set_defaults(func=run)
+
+
+#: Command-line flag -> MultiomeConfig field (``--mode multiome``).
+_MULTIOME_OVERRIDES = {"n_cells": "n_cells", "n_genes": "n_genes", "n_peaks": "n_peaks",
+                       "n_cell_types": "n_cell_types", "n_regulators": "n_regulators"}
 
 
 def load_config(spec: str):
@@ -69,9 +87,69 @@ def load_config(spec: str):
     return SimulationConfig.from_dict(values, source=str(path))
 
 
+def load_multiome_config(spec: str):
+    """'demo' (the default sizes) or a JSON file of MultiomeConfig fields (a written
+    truth/config.json, whose fields are under "config", works) -> MultiomeConfig."""
+    from pyro_livi.simulate_multiome import MultiomeConfig
+
+    if spec == "demo":
+        return MultiomeConfig()
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(spec, "--config", "is neither 'demo' nor an existing file",
+                         "pass --config demo or the path of a JSON config")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(path, "--config", f"is not valid JSON ({err})",
+                         "write a JSON object of MultiomeConfig fields") from err
+    if isinstance(values, dict) and isinstance(values.get("config"), dict):
+        values = values["config"]
+    if not isinstance(values, dict):
+        raise InputError(path, "--config", "is not a JSON object", "write a JSON object of MultiomeConfig fields")
+    return MultiomeConfig.from_dict(values, source=str(path))
+
+
+def run_multiome(args: argparse.Namespace) -> int:
+    """``--mode multiome``: draw and write paired RNA + ATAC data with its truth."""
+    from pyro_livi.simulate_multiome import simulate_multiome, write_multiome
+
+    population_only = [f"--{flag.replace('_', '-')}" for flag in _OVERRIDES
+                       if flag not in _MULTIOME_OVERRIDES and getattr(args, flag) is not None]
+    try:
+        if population_only:
+            raise InputError("<arguments>", population_only[0], "is a flag of --mode population",
+                             "leave it out with --mode multiome (its flags: --n-cells, --n-genes, --n-peaks, "
+                             "--n-cell-types, --n-regulators)")
+        cfg = load_multiome_config(args.config)
+        changes = {field: getattr(args, flag) for flag, field in _MULTIOME_OVERRIDES.items()
+                   if getattr(args, flag) is not None}
+        cfg = dataclasses.replace(cfg, **changes)
+        sim = simulate_multiome(cfg, seed=args.seed)
+        paths = write_multiome(sim, args.out)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = json.loads(paths["config"].read_text())
+    print(f"simulated {summary['n_cells']} cells x {summary['n_genes']} genes + {summary['n_peaks']} peaks, "
+          f"{cfg.n_cell_types} cell types, {summary['n_links']} gene -> peak links (seed {args.seed}); non-zero "
+          f"values: RNA {summary['rna_nonzero_fraction']:.3f}, ATAC {summary['atac_nonzero_fraction']:.3f}")
+    print(f"data:  {paths['data']}")
+    print(f"truth: {paths['readme'].parent} (links.tsv, cell_types.tsv; see README.md)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from pyro_livi.simulate import simulate, write_simulation
 
+    if args.mode == "multiome":
+        return run_multiome(args)
+    multiome_only = [f"--{flag.replace('_', '-')}" for flag in _MULTIOME_OVERRIDES
+                     if flag not in _OVERRIDES and getattr(args, flag) is not None]
+    if multiome_only:
+        print(f"error: {multiome_only[0]} is a flag of --mode multiome; add --mode multiome or leave it out",
+              file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config)
         changes = {field: getattr(args, flag) for flag, field in _OVERRIDES.items()

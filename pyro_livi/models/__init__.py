@@ -3,12 +3,15 @@ read. Adding a model is its file and one entry here."""
 
 from ._base import DataNeeds, Option, ZooModel
 from ._livi_family import livi_stages
+from .cmcvae import CMCVAE
 from .dmlivi import DMLIVI
+from .dualvae import DualVAE
 from .livi import LIVI
 from .mofa import MOFA
 from .multigrate import Multigrate
 from .multislivi import MultiSLIVI
 from .scvi import SCVI
+from .sequential import GPG, PGP
 from .totalvi import TOTALVI
 
 MODELS: dict[str, type[ZooModel]] = {
@@ -19,6 +22,10 @@ MODELS: dict[str, type[ZooModel]] = {
     "totalvi": TOTALVI,
     "multigrate": Multigrate,
     "mofa": MOFA,
+    "cmcvae": CMCVAE,
+    "gpg": GPG,
+    "pgp": PGP,
+    "dualvae": DualVAE,
 }
 for _name, _cls in MODELS.items():
     _cls.registry_name = _name
@@ -32,5 +39,5 @@ def model_class(name: str) -> type[ZooModel]:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}") from None
 
 
-__all__ = ["DataNeeds", "DMLIVI", "LIVI", "MODELS", "MOFA", "Multigrate", "MultiSLIVI", "Option", "SCVI",
-           "TOTALVI", "ZooModel", "livi_stages", "model_class"]
+__all__ = ["CMCVAE", "DataNeeds", "DMLIVI", "DualVAE", "GPG", "PGP", "LIVI", "MODELS", "MOFA", "Multigrate",
+           "MultiSLIVI", "Option", "SCVI", "TOTALVI", "ZooModel", "livi_stages", "model_class"]
