@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pyro.poutine as poutine
 import torch
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from torch.distributions import Independent
 
 from ..data.loader import MinibatchLoader
 from ..errors import InputError
-from .heldout import posterior_mean
+from .heldout import replayed_model_trace
 
 
 def _elementwise(fn):
@@ -65,8 +64,7 @@ def normalized_expression(model, dataset, *, modality: str | None = None, librar
     model.eval()
     try:
         for batch in MinibatchLoader(dataset, batch_size=batch_size, shuffle=False):
-            guide_trace = poutine.trace(posterior_mean(model.guide)).get_trace(batch)
-            trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(batch)
+            trace = replayed_model_trace(model, batch)
             fn = trace.nodes[f"obs_{modality}"]["fn"]
             mean = _denoised_mean(fn).expand(batch.x[modality].shape)
             if library_size is not None and not continuous and _is_count(fn):

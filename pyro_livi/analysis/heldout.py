@@ -25,7 +25,8 @@ from torch.distributions import Independent
 
 from ..errors import InputError
 
-__all__ = ["split_cells", "heldout_nll", "nll_summary", "elementwise_log_prob", "posterior_mean"]
+__all__ = ["split_cells", "heldout_nll", "nll_summary", "elementwise_log_prob", "posterior_mean",
+           "replayed_model_trace"]
 
 
 def split_cells(n_cells: int, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -66,6 +67,14 @@ class _PosteriorMean(Messenger):
 def posterior_mean(guide):
     """``guide`` with every latent set to its posterior mean (see :class:`_PosteriorMean`)."""
     return _PosteriorMean()(guide)
+
+
+def replayed_model_trace(model, batch, guide=None):
+    """The model's trace on ``batch`` with its latents taken from one run of ``guide``
+    (default: the model's guide at the posterior means, :func:`posterior_mean`); the
+    ``obs_<modality>`` nodes hold the observation distributions given those latents."""
+    guide_trace = poutine.trace(guide or posterior_mean(model.guide)).get_trace(batch)
+    return poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(batch)
 
 
 def _as_mask(mask, event_ndim: int) -> torch.Tensor | None:
@@ -172,9 +181,7 @@ def heldout_nll(model, dataset, idx=None, *, batch_size: int = 1024, n_samples: 
             for batch in MinibatchLoader(cells, batch_size=batch_size, shuffle=False):
                 draws = max(int(n_samples), 1)
                 for _ in range(draws):
-                    guide = model.guide if n_samples else posterior_mean(model.guide)
-                    guide_trace = poutine.trace(guide).get_trace(batch)
-                    trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(batch)
+                    trace = replayed_model_trace(model, batch, model.guide if n_samples else None)
                     sites = _observation_sites(trace)
                     if not sites:
                         raise ValueError(f"{type(model).__name__}: the model has no observed "

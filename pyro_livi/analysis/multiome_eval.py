@@ -40,13 +40,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import pyro.poutine as poutine
 import torch
 
 from ..data.loader import MinibatchLoader
 from ..errors import InputError
 from .denoise import _denoised_mean
-from .heldout import posterior_mean
+from .heldout import replayed_model_trace
 
 #: the thesis's threshold sweep for peak outputs on the log1p scale: 0, 0.3, ..., 3.0
 THESIS_THRESHOLDS = tuple(round(0.3 * k, 1) for k in range(11))
@@ -254,8 +253,7 @@ def evaluate_multiome(model, dataset, labels, *, genes: str | None = None, peaks
                 found = {getattr(model, "latent_site", "z"): model.encode(batch)}
             for name, (loc, _) in found.items():
                 latents.setdefault(name, []).append(loc.cpu().numpy())
-            guide_trace = poutine.trace(posterior_mean(model.guide)).get_trace(batch)
-            trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(batch)
+            trace = replayed_model_trace(model, batch)
             # peaks
             site = trace.nodes[f"obs_{peaks}"]
             if kind is None:

@@ -72,12 +72,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyro.distributions as dist
-import pyro.poutine as poutine
 import torch
 
 from ..errors import InputError
 from .denoise import _denoised_mean, _elementwise
-from .heldout import posterior_mean
+from .heldout import posterior_mean, replayed_model_trace
 
 __all__ = ["RULES", "DEFAULT_MARGINS", "PerturbationResult", "representative_cell", "marker_scores",
            "perturb", "plot_perturbation"]
@@ -215,8 +214,7 @@ def _sd(fn) -> torch.Tensor | None:
 def _pass(model, batch, modalities, guide) -> dict[str, torch.Tensor]:
     """One replay: the guide's latents (``guide`` may set them to their posterior means), then
     the mean of each ``obs_<m>`` for the batch's first cell, shape (G_m,)."""
-    guide_trace = poutine.trace(guide).get_trace(batch)
-    trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(batch)
+    trace = replayed_model_trace(model, batch, guide)
     out = {}
     for m in modalities:
         node = trace.nodes.get(f"obs_{m}")

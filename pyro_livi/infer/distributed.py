@@ -57,8 +57,7 @@ from pyro.poutine.messenger import Messenger
 from ..data.batch import Batch
 from ..data.loader import MinibatchLoader
 from ..errors import InputError
-from .elbo import elbo_terms
-from .trainer import Trainer, _first_line, _numerical
+from .trainer import Trainer
 
 #: Name of the plate over cells in every model of the zoo (``pyro.plate("cells", batch.n_cells,
 #: subsample=batch.index)``); its sites are the ones rescaled per process.

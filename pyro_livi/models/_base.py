@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroParam
 
