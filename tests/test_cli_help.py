@@ -56,6 +56,10 @@ def test_help_shows_defaults_and_choices_and_no_internal_jargon(capsys):
             main([name, "--help"])
         assert exit_.value.code == 0
         texts[name] = capsys.readouterr().out
+    for model in MODELS:  # each model's own options
+        with pytest.raises(SystemExit):
+            main(["fit", "--model", model, "--help"])
+        texts[f"fit --model {model}"] = capsys.readouterr().out
     for name, text in texts.items():
         assert not re.search(r"\bseeds? \d{3}\b", text), (name, re.search(r"seeds? \d{3}", text))
     flat = {k: " ".join(v.split()) for k, v in texts.items()}

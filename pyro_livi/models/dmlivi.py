@@ -100,7 +100,7 @@ class DMLIVI(MultimodalLIVIBase):
         "n_shared": Option(15, "K_shared, dimension of the shared cell state c", type=int,
                            flags=("--n-cell-state",)),
         **LIVI_OPTIONS,
-        "protein_weight": Option(1.0, "weight lambda of every modality after the first (seed 001 uses 50 to "
+        "protein_weight": Option(1.0, "weight lambda of every modality after the first (the MultiSLIVI paper uses 50 to "
                                  "200; the first keeps 1)", type=float),
         "link": Option("identity", "map of c into the decoders", choices=tuple(LINKS)),
         "interaction_link": Option("softmax", "map of c into the interaction", choices=tuple(LINKS)),

@@ -221,7 +221,7 @@ class MultiSLIVI(MultimodalLIVIBase):
         "n_cell_state": Option(15, "K_C, dimension of the shared cell state c", type=int),
         **LIVI_OPTIONS,
         "encoder_hidden": Option((128,), "widths of the encoder's MLP blocks", type=int, nargs="+"),
-        "protein_weight": Option(1.0, "weight lambda of every modality after the first (seed 001 uses 50 to "
+        "protein_weight": Option(1.0, "weight lambda of every modality after the first (the MultiSLIVI paper uses 50 to "
                                  "200; the first keeps 1)", type=float),
         "link": Option("softmax", "link of the cell-state decoder term", choices=tuple(LINKS)),
     }

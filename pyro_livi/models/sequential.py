@@ -344,7 +344,7 @@ def default_likelihoods(modalities: tuple[str, ...], continuous, preset: str = "
 
 
 _COMMON_OPTIONS = {
-    "preset": Option("none", "'thesis': the settings of Table 3.2 of seed 004 (K 256, hidden [1024] (dual: "
+    "preset": Option("none", "'thesis': the settings of Table 3.2 of Yousefi Razin 2026 (K 256, hidden [1024] (dual: "
                      "[2048]), tanh, kl_weight 0.1, normal likelihoods at the MSE scale on preprocessed "
                      "values); options given explicitly override it", choices=PRESETS),
     "n_latent": Option(20, "K, dimension of each latent (thesis preset: 256)", type=int),
