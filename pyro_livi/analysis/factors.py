@@ -18,7 +18,10 @@ Gaussian pseudo-data for such views; both are 1 - residual / total sums of squar
 they are not the same numbers.
 
 Factors are ordered by their total R2 over views, sum_m R2_mk, largest first; a factor whose
-R2_mk is below ``threshold`` in every view is reported inactive.
+R2_mk is below ``threshold`` in every view is reported inactive (mofapy2's criterion for
+dropping factors, with its ``drop_factor_threshold`` in place of ``threshold``). A factor the
+MOFA-like model switched off in a view (:meth:`pyro_livi.models.MOFA.active_factors`) has zero
+loadings there, so its R2 there is exactly 0.
 """
 
 from __future__ import annotations

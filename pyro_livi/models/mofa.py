@@ -53,6 +53,24 @@ per-feature pseudo-precisions kappa_m and centres c_m learned by the guide. A ce
 view gets no term from it, so a cell with no view has the prior as its posterior. New cells
 (held-out sets, subsets) are encoded from their own data.
 
+Switching factors off (option ``prune_snr``, component ``"prune"``). A factor's
+signal-to-noise ratio in view m, snr_mk = sum_g M_mkg^2 kappa_mg, is the variance it puts into
+the view in units of the noise. Pure noise of G_m features in N_m cells has principal
+components up to the Marchenko-Pastur edge (1 + sqrt(G_m / N_m))^2 (in noise units), so a
+factor fitted to noise reaches an SNR of up to (1 + sqrt(G_m / N_m))^2 - 1, while a real factor
+is fitted above that exactly when it can be told from the noise at all (Baik, Ben Arous &
+Peche 2005; :func:`noise_snr_edge`). The guide's flexible q(z) (full covariance, no mean-field
+over factors) lets spare factors fit the top noise components at a fraction of that edge
+(variance explained a few 1e-3 per view); mofapy2, with a mean-field q(Z) and ARD, leaves
+such factors near zero. In the last training stage (``default_stages``), and in every fitted model,
+a factor whose SNR in a view is below ``prune_snr`` times the edge is switched off in that
+view: its loadings there are zero in the model, in q(z) and in the outputs, so its variance
+explained is exactly 0 (a factor off in every view has the prior as posterior). This is
+mofapy2's factor dropping (``drop_factor_threshold``, a fixed variance explained) with the
+threshold set by the noise instead (the PCA initialisation likewise starts the components
+below the Marchenko-Pastur edge of all views together at zero). ``prune_snr=0`` keeps every
+factor.
+
 Minibatches: z_i and obs_<m> are in the plate ``cells`` (size n_cells, subsample batch.index),
 which scales their terms by n_cells / B; the global sites (W, its scales; event shapes (K, G_m)
 or (K, 1), no plate) are outside it and enter the ELBO once per step, so each step's loss estimates the full-data negative ELBO.
@@ -82,6 +100,25 @@ PRIORS = ("horseshoe", "ard", "spike_slab")
 INITS = ("pca", "random")
 #: likelihoods whose guide term uses log1p(x) (counts); any other non-normal one uses x itself
 _COUNT_LIKELIHOODS = ("poisson", "nb", "zinb", "nb_mixture")
+
+
+def noise_snr_edge(n_features: int, n_cells: int) -> float:
+    """The largest signal-to-noise ratio a factor fitted to pure noise reaches:
+    (1 + sqrt(G / N))^2 - 1 = 2 sqrt(G / N) + G / N for G features and N cells.
+
+    (1 + sqrt(G / N))^2 is the upper edge of the Marchenko-Pastur law, the largest eigenvalue
+    of the sample covariance of N cells of G features of unit white noise (Marchenko & Pastur
+    1967); a factor fitted to the top principal component of such noise carries that
+    eigenvalue minus the noise floor 1 (probabilistic PCA's maximum-likelihood loading, Tipping
+    & Bishop 1999). A real factor of signal-to-noise ratio l is fitted at about
+    l + G/N + G/(N l) (Baik, Ben Arous & Peche 2005), above this edge exactly when l > sqrt(G/N),
+    the smallest l whose principal component separates from the noise; empirical variational
+    Bayes matrix factorisation switches components off a little above the same edge
+    (Nakajima et al. 2013). Raises ValueError when N < 1."""
+    if n_cells < 1:
+        raise ValueError(f"n_cells must be >= 1, got {n_cells}")
+    gamma = n_features / n_cells
+    return 2.0 * math.sqrt(gamma) + gamma
 
 
 def _inv_softplus(y: torch.Tensor) -> torch.Tensor:
@@ -115,7 +152,8 @@ class MOFA(ZooModel):
     summary = "MOFA-like linear factor model: Z W_m^T per view, horseshoe/ARD/spike-slab sparse loadings"
     reference = ("seed 002, section 5.3; Argelaguet et al. 2018 (MOFA), 2020 (MOFA+), bioFAM/mofapy2; "
                  "Qoku & Buettner 2023 (MuVI)")
-    data_needs = DataNeeds(modalities=(1, None), inputs="any", donors="unused", missing_modalities=True)
+    data_needs = DataNeeds(modalities=(1, None), inputs="any", donors="unused", missing_modalities=True,
+                           preferred_inputs=("continuous",))
     options = {
         "n_factors": Option(10, "K, number of factors", type=int),
         "prior": Option("horseshoe", "sparsity prior of the loadings, per view and factor", choices=PRIORS),
@@ -125,8 +163,14 @@ class MOFA(ZooModel):
         "global_scale": Option(None, "tau0, scale of the horseshoe's view scales (default: "
                                "0.1 / 0.9 / sqrt(n_cells))", type=float),
         "spike_ratio": Option(0.05, "spike sd / slab sd of the spike-and-slab prior", type=float),
-        "init": Option("pca", "initial loadings: PCA of a cell sample or random", choices=INITS),
-        "factor_lr": Option(0.05, "Adam learning rate of every parameter (overrides --lr)", type=float,
+        "init": Option("pca", "initial loadings: PCA of a cell sample (the centred views side by side, "
+                       "unscaled, as mofapy2) or random", choices=INITS),
+        "prune_snr": Option(1.0, "switch a factor off in a view at the end of training when its "
+                            "signal-to-noise ratio there is below this multiple of the largest that pure "
+                            "noise reaches, (1 + sqrt(G_m / N_m))^2 - 1; 0 keeps every factor", type=float),
+        "prune_epochs": Option(0.1, "fraction of the epochs trained after the switch-off (the last stage)",
+                               type=float, schedule=True),
+        "factor_lr": Option(0.01, "Adam learning rate of every parameter (overrides --lr)", type=float,
                             schedule=True),
         "lr_decay": Option(0.1, "learning rate at the last epoch relative to the first", type=float,
                            schedule=True),
@@ -134,11 +178,14 @@ class MOFA(ZooModel):
     outputs = ("latent", "loadings", "dispersions", "variance_explained")
     latent_name = "factors"
     latent_site = "z"
+    #: ``"prune"``: factors below the noise threshold are switched off (:meth:`active_factors`)
+    components_all = ("prune",)
 
     def __init__(self, n_features: dict, *, n_factors: int = 10, prior: str = "horseshoe",
                  likelihoods: dict | None = None, slab_df: float = 4.0, slab_scale: float = 1.0,
                  spike_ratio: float = 0.05, global_scale: float | None = None, n_cells: int | None = None,
-                 init: str = "pca", name: str | None = None):
+                 view_cells: dict | None = None, init: str = "pca", prune_snr: float = 1.0,
+                 name: str | None = None):
         super().__init__(name=name)
         if prior not in PRIORS:
             raise ValueError(f"unknown prior {prior!r}; choose one of {PRIORS}")
@@ -148,12 +195,15 @@ class MOFA(ZooModel):
             raise ValueError("MOFA needs at least one view")
         if int(n_factors) < 1:
             raise ValueError(f"n_factors must be >= 1, got {n_factors}")
+        if not float(prune_snr) >= 0:
+            raise ValueError(f"prune_snr must be >= 0 (0: no factor is switched off), got {prune_snr}")
         n_features = {str(m): int(g) for m, g in n_features.items()}
+        view_cells = {m: int((view_cells or {}).get(m, n_cells or 0)) for m in n_features}
         likelihoods = {m: (likelihoods or {}).get(m, "normal") for m in n_features}
         self.config = dict(n_features=n_features, n_factors=int(n_factors), prior=prior,
                            likelihoods=likelihoods, slab_df=float(slab_df), slab_scale=float(slab_scale),
                            spike_ratio=float(spike_ratio), global_scale=global_scale, n_cells=n_cells,
-                           init=init)
+                           view_cells=view_cells, init=init, prune_snr=float(prune_snr))
         if global_scale is None:
             global_scale = 0.1 / 0.9 / math.sqrt(n_cells) if n_cells else 1.0
         self.global_scale = float(global_scale)
@@ -163,6 +213,9 @@ class MOFA(ZooModel):
         self.prior = prior
         self.slab_df, self.slab_scale, self.spike_ratio = float(slab_df), float(slab_scale), float(spike_ratio)
         self.likelihoods = {m: get_likelihood(name) for m, name in likelihoods.items()}
+        #: per view, the SNR below which a factor is switched off (0: never; no cell count given)
+        self.snr_threshold = {m: float(prune_snr) * noise_snr_edge(G, view_cells[m]) if view_cells[m] else 0.0
+                              for m, G in n_features.items()}
         gen = torch.Generator().manual_seed(0)
         positive = constraints.softplus_positive
         for m, G in n_features.items():
@@ -198,6 +251,7 @@ class MOFA(ZooModel):
         chosen = {m: "normal" if m in continuous else "poisson" for m in dataset.modalities}
         chosen.update({m: v for m, v in (likelihoods or {}).items() if m in chosen})
         options.setdefault("n_cells", dataset.n_cells)
+        options.setdefault("view_cells", {m: int(np.sum(dataset.present[m])) for m in dataset.modalities})
         model = cls({m: dataset.n_features[m] for m in dataset.modalities}, likelihoods=chosen, **options)
         if model.config["init"] == "pca":
             model.initialise_from(dataset, n_cells=n_init_cells)
@@ -205,24 +259,32 @@ class MOFA(ZooModel):
 
     @torch.no_grad()
     def initialise_from(self, dataset, *, n_cells: int = 5000, seed: int = 0) -> None:
-        """Start from a PCA of a random sample of up to ``n_cells`` cells.
+        """Start from a PCA of a random sample of up to ``n_cells`` cells, as mofapy2 starts its
+        factors (``initZ(qmean="pca")``: a PCA of the centred views side by side, unscaled).
 
         Each view is put on its working scale (x for ``normal``, log1p(x) for count
-        likelihoods), centred over the cells that have it (absent cells count as the mean) and
-        divided by the square root of its total variance, so every view weighs the same. The
-        top-K SVD X = U S V^T gives loadings W_m = S V_m^T / sqrt(n) times the view's scale
-        (factors U sqrt(n) have unit variance) for the components whose eigenvalue S_j^2 / n
-        exceeds the Marchenko-Pastur edge of the noise, sigma^2 (1 + sqrt(D / n))^2 (sigma^2: the
-        variance per dimension left after the top K, D = sum_m G_m); the other factors start
-        at loadings N(0, 1e-6), so components of pure noise are not started at full strength. Intercepts start at the feature means (through
-        softplus^-1 for non-normal views), noise sd of normal views at the PCA residual sd
-        (at least 10% of the feature sd), the guide's pseudo-precisions of other views likewise.
+        likelihoods) and centred over the cells that have it (absent cells count as the mean);
+        the views are concatenated (D = sum_m G_m features) without rescaling, so a feature
+        weighs by its variance, whatever its view. The top-K SVD X = U S V^T gives, for the
+        components whose eigenvalue l_j = S_j^2 / n exceeds the Marchenko-Pastur edge of the
+        noise, s^2 (1 + sqrt(D / n))^2 (s^2: the variance per dimension left after the top K),
+        probabilistic PCA's maximum-likelihood loadings W_j = sqrt(l_j - s^2) V_j (Tipping &
+        Bishop 1999; factors of unit variance); the other factors start at loadings
+        N(0, 1e-6), so components of pure noise are not started at full strength. Intercepts
+        start at the feature means (through softplus^-1 for non-normal views), the noise
+        variance of normal views at the variance the kept components leave, v_g - sum_j W_jg^2
+        (at least 1% of the feature variance v_g), the guide's pseudo-precisions of other views
+        at its inverse.
+
+        The full-covariance q(z) is indifferent to rotations of the factors, so only the
+        sparsity prior turns them away from these principal axes, and it does so slowly: the
+        start largely sets which rotation is found. mofapy2 starts from the same axes.
         """
         rng = np.random.default_rng(seed)
         n = dataset.n_cells
         idx = np.sort(rng.choice(n, size=min(n, int(n_cells)), replace=False))
         batch = dataset.batch(idx)
-        blocks, stats = [], {}
+        blocks, variances, stats = [], [], {}
         for m in self.modalities:
             x = batch.x[m].float()
             present = batch.present[m].bool()
@@ -230,37 +292,33 @@ class MOFA(ZooModel):
             y = torch.log1p(x.clamp(min=0)) if lik in _COUNT_LIKELIHOODS else x
             rows = y[present] if present.any() else torch.zeros(1, y.shape[1])
             mean = rows.mean(0)
-            yc = torch.where(present[:, None], y - mean, torch.zeros_like(y))
-            var = rows.var(0, unbiased=False) if rows.shape[0] > 1 else torch.ones(y.shape[1])
-            view_sd = float(var.sum().clamp(min=1e-8).sqrt())
-            blocks.append(yc / view_sd)
-            stats[m] = (x, present, mean, var, view_sd, yc)
-        X = torch.cat(blocks, dim=1)
+            blocks.append(torch.where(present[:, None], y - mean, torch.zeros_like(y)))
+            variances.append(rows.var(0, unbiased=False) if rows.shape[0] > 1 else torch.ones(y.shape[1]))
+            stats[m] = (x, present, mean)
+        X, var = torch.cat(blocks, dim=1), torch.cat(variances)
+        n_rows, D = X.shape
         K = self.n_factors
         q = min(K, min(X.shape) - 1) if min(X.shape) > 1 else 0
-        W_all = torch.zeros(K, X.shape[1])
+        W_all = torch.zeros(K, D)
         if q > 0:
             if min(X.shape) > 3 * q:
                 _, S, V = torch.svd_lowrank(X, q=q, niter=4)
             else:
                 _, S, Vh = torch.linalg.svd(X, full_matrices=False)
                 V = Vh.T
-            ell = S[:q].pow(2) / X.shape[0]
-            noise = (X.pow(2).sum() / X.shape[0] - ell.sum()).clamp(min=0) / max(X.shape[1] - q, 1)
-            edge = noise * (1 + math.sqrt(X.shape[1] / X.shape[0])) ** 2
-            q = int((ell > edge).sum())
-            W_all[:q] = (S[:q, None] * V[:, :q].T) / math.sqrt(X.shape[0])
-        W_all[q:] = 1e-3 * torch.randn(K - q, X.shape[1], generator=torch.Generator().manual_seed(seed))
+            ell = S[:q].pow(2) / n_rows
+            noise = (X.pow(2).sum() / n_rows - ell.sum()).clamp(min=0) / max(D - q, 1)
+            q = int((ell > noise * (1 + math.sqrt(D / n_rows)) ** 2).sum())
+            W_all[:q] = (ell[:q] - noise).clamp(min=0).sqrt()[:, None] * V[:, :q].T
+        W_all[q:] = 1e-3 * torch.randn(K - q, D, generator=torch.Generator().manual_seed(seed))
+        psi = torch.maximum(var - W_all[:q].pow(2).sum(0), 0.01 * var).clamp(min=1e-12)
         start = 0
-        for m, block in zip(self.modalities, blocks):
-            x, present, mean, var, view_sd, yc = stats[m]
-            G = block.shape[1]
-            W = W_all[:, start:start + G] * view_sd
+        for m in self.modalities:
+            x, present, mean = stats[m]
+            G = self.n_features[m]
+            getattr(self, f"W_loc_{m}").copy_(W_all[:, start:start + G])
+            sd = psi[start:start + G].sqrt()
             start += G
-            getattr(self, f"W_loc_{m}").copy_(W)
-            z = torch.linalg.lstsq(W.T, yc.T).solution.T if present.any() else None  # (n, K)
-            resid = ((yc - z @ W)[present]).var(0, unbiased=False) if z is not None else var
-            sd = torch.maximum(resid, 0.01 * var).clamp(min=1e-6).sqrt()
             lik = self.config["likelihoods"][m]
             if lik == "normal":
                 getattr(self, f"b_{m}").copy_(mean)
@@ -272,16 +330,32 @@ class MOFA(ZooModel):
                 getattr(self, f"q_log_kappa_{m}").copy_(-2 * sd.log())
 
     @classmethod
-    def default_stages(cls, *, epochs: int, patience: int | None = 20, factor_lr: float = 0.05,
-                       lr_decay: float = 0.1) -> list[Stage]:
-        """One stage training every parameter at Adam rate ``factor_lr`` (the guide's closed-form
-        factors let the globals take large steps), falling to ``lr_decay`` times that by the
-        last of ``epochs`` epochs, stopped after ``patience`` epochs without a new best loss
-        (any improvement counts: the one-sample loss is noisy while the factors still rotate
-        towards sparse loadings, so a relative threshold would stop too early)."""
+    def default_stages(cls, *, epochs: int, patience: int | None = 20, factor_lr: float = 0.01,
+                       lr_decay: float = 0.1, prune_epochs: float = 0.1) -> list[Stage]:
+        """Two stages training every parameter, ``epochs`` epochs in all: ``"train"`` with every
+        factor free, then ``"prune"`` (the last ``prune_epochs`` fraction of the epochs, at least
+        one) with the factors below the noise threshold switched off (component ``"prune"``,
+        :meth:`active_factors`) while the others settle without them. Adam's rate starts at
+        ``factor_lr`` and falls geometrically to ``lr_decay`` times that by the last epoch,
+        across both stages. (Adam's first steps move every parameter by about the rate, whatever
+        its gradient, so a rate much above 0.01 scrambles the small loadings of the PCA start.)
+        Each stage stops after ``patience`` epochs without a new best loss (any improvement
+        counts: the one-sample loss is noisy while the factors still rotate towards sparse
+        loadings, so a relative threshold would stop too early).
+        Raises ValueError when ``prune_epochs`` is outside [0, 1]."""
+        if not 0.0 <= float(prune_epochs) <= 1.0:
+            raise ValueError(f"prune_epochs must be in [0, 1], got {prune_epochs}")
         stop = EarlyStopping(patience=patience, min_delta=0.0) if patience else None
-        return [Stage("train", epochs, train=("all",), early_stopping=stop, lr_decay=lr_decay,
-                      group_lr={"all": factor_lr})]
+        last = min(epochs, max(1, round(float(prune_epochs) * epochs)))
+        first = epochs - last
+        stages = []
+        if first > 0:
+            stages.append(Stage("train", first, train=("all",), early_stopping=stop,
+                                lr_decay=lr_decay ** (first / epochs), group_lr={"all": factor_lr}))
+        stages.append(Stage("prune", last, train=("all",), components=("prune",), early_stopping=stop,
+                            lr_decay=lr_decay ** (last / epochs),
+                            group_lr={"all": factor_lr * lr_decay ** (first / epochs)}))
+        return stages
 
     # ----------------------------------------------------------------------- model / guide
     def _prior_W(self, m: str) -> dist.Distribution:
@@ -311,17 +385,18 @@ class MOFA(ZooModel):
     def model(self, batch: Batch, observed: bool = True):
         K = self.n_factors
         W = {}
+        active = self.active_factors()
         for m in self.modalities:
             W[m] = pyro.sample(f"W_{m}", self._prior_W(m))
             if W[m].dim() > 2 and W[m].shape[:-2].numel() == 1:  # one draw, padded by Predictive
                 W[m] = W[m].reshape(W[m].shape[-2:])
+            W[m] = W[m] * active[m].to(W[m].dtype)[:, None]
         ref = getattr(self, f"b_{self.modalities[0]}")
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             z = pyro.sample("z", dist.MultivariateNormal(ref.new_zeros(K), scale_tril=torch.eye(K, device=ref.device)))
             for m in self.modalities:
                 eta = getattr(self, f"b_{m}") + z @ W[m]
-                mean = eta if self.config["likelihoods"][m] == "normal" else F.softplus(eta)
-                self._observe(m, mean, z, batch, observed)
+                self._observe(m, self.link_mean(m, eta), z, batch, observed)
 
     def _q_positive(self, site: str, shape) -> dist.Distribution:
         loc, scale = getattr(self, f"{site}_loc"), getattr(self, f"{site}_scale")
@@ -342,14 +417,50 @@ class MOFA(ZooModel):
             pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=scale_tril))
 
     # ------------------------------------------------------------------- posterior summaries
-    def _view_terms(self, m: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(E_q[W_m diag(kappa_m) W_m^T] (K, K), M_m diag(kappa_m) (y_m - c_m) (B, K)) of view m."""
-        M, S = getattr(self, f"W_loc_{m}"), getattr(self, f"W_scale_{m}")
+    def _noise_precision(self, m: str) -> torch.Tensor:
+        """kappa_m (G_m,): sigma_mg^-2 for ``normal`` views, the guide's pseudo-precisions on the
+        transformed scale for the others."""
         if self.config["likelihoods"][m] == "normal":
-            kappa = torch.exp(-2 * getattr(self, f"lik_{m}_log_scale"))
+            return torch.exp(-2 * getattr(self, f"lik_{m}_log_scale"))
+        return torch.exp(getattr(self, f"q_log_kappa_{m}"))
+
+    @torch.no_grad()
+    def factor_snr(self) -> dict[str, torch.Tensor]:
+        """Signal-to-noise ratio of every factor in every view, {view: (K,)}:
+        snr_mk = sum_g M_mkg^2 kappa_mg, the variance factor k (prior variance 1) puts into view m
+        in units of the noise, summed over its features (M: posterior mean loadings; kappa: noise
+        precisions, see :meth:`_noise_precision`)."""
+        return {m: (getattr(self, f"W_loc_{m}").pow(2) * self._noise_precision(m)).sum(-1).detach()
+                for m in self.modalities}
+
+    def active_factors(self) -> dict[str, torch.Tensor]:
+        """Which factors are switched on in each view, {view: (K,) bool}.
+
+        With component ``"prune"`` on (the last training stage, and every fitted model), factor k
+        is off in view m when its signal-to-noise ratio (:meth:`factor_snr`) is below
+        ``prune_snr`` times :func:`noise_snr_edge` (G_m, N_m), the most a factor fitted to pure
+        noise of that view's size reaches: the factor cannot be told from the noise there
+        (mofapy2 drops factors whose variance explained falls below a fixed
+        ``drop_factor_threshold``; here the threshold follows from the noise). A factor off in
+        a view has zero loadings there, in the model and in q(z); off in every view, its
+        posterior is the prior. A factor off stays off: its loadings get no likelihood
+        gradient. With the component off every factor is on."""
+        if "prune" not in self.components:
+            return {m: torch.ones(self.n_factors, dtype=torch.bool, device=getattr(self, f"b_{m}").device)
+                    for m in self.modalities}
+        return {m: snr > self.snr_threshold[m] for m, snr in self.factor_snr().items()}
+
+    def _view_terms(self, m: str, x: torch.Tensor, active: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E_q[W_m diag(kappa_m) W_m^T] (K, K), M_m diag(kappa_m) (y_m - c_m) (B, K)) of view m,
+        rows of the factors not ``active`` (K,) bool zeroed."""
+        M, S = getattr(self, f"W_loc_{m}"), getattr(self, f"W_scale_{m}")
+        if active is not None:
+            M, S = M * active[:, None], S * active[:, None]
+        kappa = self._noise_precision(m)
+        if self.config["likelihoods"][m] == "normal":
             resid = x - getattr(self, f"b_{m}")
         else:
-            kappa = torch.exp(getattr(self, f"q_log_kappa_{m}"))
             y = torch.log1p(x.clamp(min=0)) if self.config["likelihoods"][m] in _COUNT_LIKELIHOODS else x
             resid = y - getattr(self, f"q_center_{m}")
         Mk = M * kappa
@@ -363,8 +474,9 @@ class MOFA(ZooModel):
         B = batch.index.shape[0]
         Lam = torch.eye(K, device=ref.device).expand(B, K, K)
         h = ref.new_zeros(B, K)
+        active = self.active_factors()
         for m in self.modalities:
-            precision, eta = self._view_terms(m, batch.x[m])
+            precision, eta = self._view_terms(m, batch.x[m], active[m].to(ref.dtype))
             p = batch.present[m].to(ref.dtype)
             Lam = Lam + p[:, None, None] * precision
             h = h + p[:, None] * eta
@@ -379,8 +491,10 @@ class MOFA(ZooModel):
         return mu, tril.pow(2).sum(-1).sqrt()
 
     def loadings(self) -> dict[str, torch.Tensor]:
-        """Posterior means of the loadings, {``W__<modality>``: (K, G_m)}."""
-        return {f"W__{m}": getattr(self, f"W_loc_{m}").detach() for m in self.modalities}
+        """Posterior means of the loadings, {``W__<modality>``: (K, G_m)}; zero for the factors
+        switched off in a view (:meth:`active_factors`)."""
+        active = self.active_factors()
+        return {f"W__{m}": getattr(self, f"W_loc_{m}").detach() * active[m][:, None] for m in self.modalities}
 
     def intercepts(self) -> dict[str, torch.Tensor]:
         """Intercepts b_m (G_m,), on the linear-predictor scale, per modality."""
@@ -388,5 +502,8 @@ class MOFA(ZooModel):
 
     def link_mean(self, modality: str, eta: torch.Tensor) -> torch.Tensor:
         """Mean of the observation site given the linear predictor eta (identity for ``normal``,
-        softplus otherwise)."""
-        return eta if self.config["likelihoods"][modality] == "normal" else F.softplus(eta)
+        softplus otherwise, floored at 1e-6 so that a very negative eta cannot underflow to a
+        zero rate, under which a positive count has probability 0)."""
+        if self.config["likelihoods"][modality] == "normal":
+            return eta
+        return F.softplus(eta).clamp_min(1e-6)
