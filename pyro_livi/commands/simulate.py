@@ -66,12 +66,8 @@ _MULTIOME_OVERRIDES = {"n_cells": "n_cells", "n_genes": "n_genes", "n_peaks": "n
                        "n_cell_types": "n_cell_types", "n_regulators": "n_regulators"}
 
 
-def load_config(spec: str):
-    """'demo' or a JSON file path -> SimulationConfig."""
-    from pyro_livi.simulate import SimulationConfig
-
-    if spec == "demo":
-        return SimulationConfig.demo()
+def _config_json(spec: str, what: str) -> tuple[Path, dict]:
+    """The path and the JSON object of ``--config``; ``what`` names the config class in fixes."""
     path = Path(spec)
     if not path.is_file():
         raise InputError(spec, "--config", "is neither 'demo' nor an existing file",
@@ -80,10 +76,19 @@ def load_config(spec: str):
         values = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise InputError(path, "--config", f"is not valid JSON ({err})",
-                         "write a JSON object of SimulationConfig fields") from err
+                         f"write a JSON object of {what} fields") from err
     if not isinstance(values, dict):
-        raise InputError(path, "--config", "is not a JSON object",
-                         "write a JSON object of SimulationConfig fields")
+        raise InputError(path, "--config", "is not a JSON object", f"write a JSON object of {what} fields")
+    return path, values
+
+
+def load_config(spec: str):
+    """'demo' or a JSON file path -> SimulationConfig."""
+    from pyro_livi.simulate import SimulationConfig
+
+    if spec == "demo":
+        return SimulationConfig.demo()
+    path, values = _config_json(spec, "SimulationConfig")
     return SimulationConfig.from_dict(values, source=str(path))
 
 
@@ -94,19 +99,9 @@ def load_multiome_config(spec: str):
 
     if spec == "demo":
         return MultiomeConfig()
-    path = Path(spec)
-    if not path.is_file():
-        raise InputError(spec, "--config", "is neither 'demo' nor an existing file",
-                         "pass --config demo or the path of a JSON config")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(path, "--config", f"is not valid JSON ({err})",
-                         "write a JSON object of MultiomeConfig fields") from err
-    if isinstance(values, dict) and isinstance(values.get("config"), dict):
+    path, values = _config_json(spec, "MultiomeConfig")
+    if isinstance(values.get("config"), dict):
         values = values["config"]
-    if not isinstance(values, dict):
-        raise InputError(path, "--config", "is not a JSON object", "write a JSON object of MultiomeConfig fields")
     return MultiomeConfig.from_dict(values, source=str(path))
 
 
