@@ -160,7 +160,8 @@ def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
                   factors: Literal["D", "V", "all"] = "all", inverse_normal: bool = False,
                   maf: float = 0.05, loco: bool | None = None, chunk_size: int = 5000,
                   pvalue_method: str = "auto", allow_partial_donor_match: bool = False,
-                  progress: bool = True, plots: bool = True) -> tuple[pd.DataFrame, dict]:
+                  progress: bool = True, plots: bool = True,
+                  dask_scheduler=None) -> tuple[pd.DataFrame, dict]:
     """Test a run's donor factors against genotypes and write results, plots and report.
 
     Parameters
@@ -182,6 +183,9 @@ def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
         computed from the genotypes.
     covariates : path, optional
         Donor covariate table (numeric columns).
+    dask_scheduler : str or distributed.Client, optional
+        Run the passes over SNP chunks on a Dask cluster (its scheduler address, e.g.
+        ``"tcp://host:8786"``); same results as in this process.
     Other options: see :func:`~pyro_livi.analysis.association.associate_factors`.
 
     Returns the results table and the report (also written as JSON).
@@ -213,7 +217,8 @@ def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
             table, geno, kinship=K, covariates=C, inverse_normal=inverse_normal, fdr=fdr,
             fdr_method=fdr_method, chunk_size=chunk_size, maf=maf, loco=loco,
             pvalue_method=pvalue_method,
-            allow_partial_donor_match=allow_partial_donor_match, progress=progress)
+            allow_partial_donor_match=allow_partial_donor_match, progress=progress,
+            dask_scheduler=dask_scheduler)
         snps = geno.snps
         reader_report = dict(geno.report)
     finally:
@@ -229,7 +234,10 @@ def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
                     "pvalue_method": pvalue_method,
                     "allow_partial_donor_match": allow_partial_donor_match,
                     "variant_count": variant_count, "dosage_orientation": dosage_orientation,
-                    "duplicate_snps": duplicate_snps, "chunk_size": chunk_size},
+                    "duplicate_snps": duplicate_snps, "chunk_size": chunk_size,
+                    "dask_scheduler": (dask_scheduler if dask_scheduler is None
+                                       or isinstance(dask_scheduler, str)
+                                       else type(dask_scheduler).__name__)},
         "genotype_reader": reader_report,
         **report,
         "outputs": {k: str(v) for k, v in paths.items() if plots or k in ("results", "report")},

@@ -6,18 +6,26 @@ genotypes::
     d_k = g beta + M alpha + u + eps,   u ~ N(0, v0 K),  eps ~ N(0, v1 I)
 
 with M = [intercept, covariates] and K the kinship. Per factor the null model (no SNP)
-is fitted by maximum likelihood with glimix-core (``LMM(y, M, QS, restricted=False)``),
-which fixes the ratio v0 / v1; every SNP g is then tested as glimix-core's fast scanner
-does (fixed ratio; alpha, beta and the overall scale re-estimated) and
+is fitted by maximum likelihood, the fit of glimix-core's ``LMM(y, M, QS,
+restricted=False)``, which fixes the ratio v0 / v1; every SNP g is then tested as
+glimix-core's fast scanner does (fixed ratio; alpha, beta and the overall scale
+re-estimated) and
 
     p = chi2(1).sf(2 * (lml_alt - lml_null)).
 
-How this differs from calling ``scanner.fast_scan`` directly (each checked in
-``tests/test_association.py`` against glimix-core):
+How this differs from calling glimix-core factor by factor (each checked in
+``tests/test_association.py`` and ``tests/test_association_scale.py`` against
+glimix-core):
 
-- the scan's algebra is vectorised over SNPs and shares the kinship rotation between
-  factors (glimix-core loops over SNPs in Python when there are covariates); lml and
-  effect sizes agree with ``fast_scan`` to rounding;
+- the null models of all factors are fitted at once (:func:`fit_null_models`: the
+  profile likelihood over v1 / (v0 + v1) on a grid, then bisection on its derivative,
+  in the kinship's eigenbasis) instead of one optimiser call each; the likelihoods
+  agree to rounding, the variances and p-values to glimix-core's optimiser tolerance
+  (1e-6 in logit of the ratio; p-values to ~1e-6 relative);
+- the scan's algebra is vectorised over SNPs and factors (:class:`ScanPlan`): one
+  chunk of SNPs is rotated once, ``Q0^T G``, and tested against every factor by two
+  matrix products (glimix-core loops over SNPs in Python when there are covariates);
+  lml and effect sizes agree with ``fast_scan`` to rounding at the same variances;
 - standard errors include the alternative model's scale, as glimix-core's single-SNP
   ``scan`` does (its ``fast_scan`` omits it when there is more than one covariate);
 - the null lml uses the same exact algebra as the alternatives (glimix-core's null solve
@@ -27,6 +35,9 @@ How this differs from calling ``scanner.fast_scan`` directly (each checked in
   small-valued factor); beta and se are reported in factor units;
 - a centred kinship (K 1 = 0) gets variance 1 along the intercept
   (:class:`KinshipBasis`), without which the ML likelihood is unbounded as v1 -> 0.
+
+Genotypes are read by chunks of SNPs (bounded memory), in this process or as the tasks
+of a Dask cluster (:mod:`pyro_livi.analysis.association_chunks`; ``dask_scheduler``).
 
 Multiple testing is done over all factor x SNP pairs together: Benjamini-Hochberg
 (default) or Storey q-values. A pair is significant when its adjusted p-value is
@@ -52,9 +63,8 @@ Reliability rules (issue 11; each one is tested in ``tests/test_association_reli
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -70,7 +80,13 @@ from pyro_livi.data.genotypes import (
     match_donors,
     merge_qc_counts,
     open_genotypes,
-    qc_dosage_block,
+)
+from pyro_livi.analysis.association_chunks import (
+    ChunkSource,
+    make_executor,
+    progress as _bar,
+    qc_kinship_task,
+    scan_task,
 )
 from pyro_livi.data.kinship import KinshipAccumulator, align_kinship, validate_kinship
 from pyro_livi.errors import InputError
@@ -104,6 +120,10 @@ MIN_ALL_SNP_KINSHIP_SNPS = 50
 #: A null model whose residual variance is below this fraction of the total variance
 #: is degenerate (all variance on the kinship).
 DEGENERATE_RESIDUAL_FRACTION = 1e-4
+#: A computed leave-one-chromosome-out kinship keeps one donors x donors accumulator per
+#: chromosome from the first pass over the SNPs when they take at most this many bytes
+#: together; otherwise each chromosome's part is read again before its scan.
+LOCO_KINSHIP_PARTS_MAX_BYTES = 2 * 1024 ** 3
 #: Lambda grid of Storey's pi0 estimator (as in the qvalue R package).
 STOREY_LAMBDAS = np.round(np.arange(1, 20) * 0.05, 2)
 
@@ -130,14 +150,22 @@ def inverse_normal_transform(x) -> np.ndarray:
 def genomic_inflation(pvalues) -> float:
     """Genomic inflation ``lambda_gc = median(chi2_1.isf(p)) / chi2_1.ppf(0.5)``.
 
-    NaN for an empty input.
+    ``chi2_1.isf`` is decreasing, so the median statistic is that of the median
+    p-value: only the one or two middle p-values (found by partial sorting) are
+    transformed. NaN for an empty input.
     """
     p = np.asarray(pvalues, dtype=np.float64).ravel()
     if p.size == 0:
         return float("nan")
     if np.isnan(p).any():
         raise ValueError("genomic_inflation: NaN p-values")
-    return float(np.median(stats.chi2.isf(p, 1)) / stats.chi2.ppf(0.5, 1))
+    half = p.size // 2
+    if p.size % 2:
+        middle = np.partition(p, half)[half:half + 1]
+    else:
+        part = np.partition(p, (half - 1, half))
+        middle = part[half - 1:half + 1]
+    return float(np.mean(stats.chi2.isf(middle, 1)) / stats.chi2.ppf(0.5, 1))
 
 
 def storey_pi0(pvalues, lambdas: Sequence[float] = STOREY_LAMBDAS) -> float:
@@ -175,7 +203,12 @@ def bh_adjust(pvalues) -> np.ndarray:
     p = np.asarray(pvalues, dtype=np.float64).ravel()
     if p.size == 0:
         return p.copy()
-    return multipletests(p, method="fdr_bh")[1]
+    # sorted here once and put back by index (statsmodels would sort twice); the order
+    # of tied p-values does not change their adjusted values
+    order = np.argsort(p)
+    out = np.empty_like(p)
+    out[order] = multipletests(p[order], method="fdr_bh", is_sorted=True)[1]
+    return out
 
 
 def storey_qvalues(pvalues, pi0: float | None = None) -> tuple[np.ndarray, dict]:
@@ -301,7 +334,8 @@ class KinshipBasis:
     """Economic eigendecomposition of one kinship, shared by every factor's null model.
 
     ``K = Q0 diag(S0) Q0^T`` with ``S0 > sqrt(machine eps)`` (numpy-sugar
-    ``economic_qs``); ``QS`` is the tuple glimix-core's ``LMM`` takes.
+    ``economic_qs``); ``QS`` is the tuple glimix-core's ``LMM`` takes (``((Q0, Q1), S0)``;
+    ``Q1`` is None when directions were added as below, glimix-core does not use it).
 
     Null space of K inside the fixed effects. A kinship computed from centred genotypes
     has ``K 1 = 0``: the intercept direction has no kinship variance. Under maximum
@@ -314,7 +348,9 @@ class KinshipBasis:
     kinship this adds ``1 1^T / n``, which leaves its Gower factor unchanged; the
     residuals of every model are orthogonal to these directions, so only the bounded
     log-determinant term changes. ``n_null_fixed_directions`` counts the directions
-    treated.
+    treated. Those directions are orthogonal to ``Q0``, so ``K + U U^T`` has the
+    eigenvectors ``[Q0, U]`` with eigenvalues ``[S0, 1]``: one eigendecomposition
+    (``O(n^3)``) per kinship.
     """
 
     def __init__(self, K: np.ndarray, M: np.ndarray | None = None):
@@ -322,25 +358,40 @@ class KinshipBasis:
 
         K = np.asarray(K, dtype=np.float64)
         QS = economic_qs(K)
+        Q0, S0 = QS[0][0], np.asarray(QS[1], dtype=np.float64)
         self.n_null_fixed_directions = 0
         if M is not None:
-            U = _null_fixed_directions(QS[0][0], np.asarray(M, dtype=np.float64))
+            U = _null_fixed_directions(Q0, np.asarray(M, dtype=np.float64))
             if U.shape[1]:
+                # U lies in the null space of K: K + U U^T has eigenvectors [Q0, U]
+                # with eigenvalues [S0, 1] (U made exactly orthogonal to Q0 first)
                 self.n_null_fixed_directions = int(U.shape[1])
                 K = K + U @ U.T
-                QS = economic_qs(K)
+                U, _ = np.linalg.qr(U - Q0 @ (Q0.T @ U))
+                Q0 = np.concatenate([Q0, U], axis=1)
+                S0 = np.concatenate([S0, np.ones(U.shape[1])])
+                QS = ((Q0, None), S0)
         self.K = K
         self.QS = QS
-        self.Q0 = np.ascontiguousarray(QS[0][0])
-        self.S0 = np.asarray(QS[1], dtype=np.float64)
+        self.Q0 = np.ascontiguousarray(Q0)
+        self.S0 = S0
         self.n = self.Q0.shape[0]
 
     def rotate(self, G: np.ndarray) -> "RotatedBlock":
-        """Quantities of a (n, m) SNP block shared by all factors' scans."""
+        """Quantities of a (n, m) SNP block shared by all factors' scans.
+
+        ``Q0^T G`` is the one product of order ``n r m`` a block costs; the squared norms
+        of ``(I - Q0 Q0^T) G`` are computed (a second such product) only when the kinship
+        has rank ``r < n``; with full rank they are 0.
+        """
         G = np.asarray(G, dtype=np.float64)
         Q0tG = self.Q0.T @ G
-        PG = G - self.Q0 @ Q0tG
-        return RotatedBlock(G, Q0tG, np.einsum("ij,ij->j", PG, PG))
+        if self.Q0.shape[1] < self.n:
+            PG = G - self.Q0 @ Q0tG
+            PGsq = np.einsum("ij,ij->j", PG, PG)
+        else:
+            PGsq = np.zeros(G.shape[1])
+        return RotatedBlock(G, Q0tG, PGsq)
 
 
 def _null_fixed_directions(Q0: np.ndarray, M: np.ndarray) -> np.ndarray:
@@ -362,7 +413,7 @@ def _null_fixed_directions(Q0: np.ndarray, M: np.ndarray) -> np.ndarray:
 @dataclass
 class RotatedBlock:
     """``G`` (n, m), ``Q0tG = Q0^T G`` (r, m) and ``PGsq``: squared norms of the columns
-    of ``(I - Q0 Q0^T) G`` (m,)."""
+    of ``(I - Q0 Q0^T) G`` (m,; zeros when the kinship has full rank)."""
 
     G: np.ndarray
     Q0tG: np.ndarray
@@ -373,18 +424,22 @@ class RotatedBlock:
 class NullModel:
     """Fitted null LMM of one factor and what its scan needs.
 
-    The null model ``y ~ N(M alpha, v0 K + v1 I)`` is fitted by glimix-core
-    (``LMM(y, M, QS, restricted=False).fit()``); ``y`` is the factor divided by
-    ``y_scale`` (its sd) so that glimix-core's absolute variance floors (1.5e-8) cannot
-    act on a small-valued factor; ``beta``/``se`` are reported back in factor units.
+    The null model ``y ~ N(M alpha, s ((1 - delta) K + delta I))`` (``v0 = s (1 - delta)``,
+    ``v1 = s delta``) is fitted by maximum likelihood as glimix-core's
+    ``LMM(y, M, QS, restricted=False).fit()`` does, for all factors at once
+    (:func:`fit_null_models`); ``y`` is the factor divided by ``y_scale`` (its sd) so
+    that the absolute variance floors (1.5e-8) cannot act on a small-valued factor;
+    ``beta``/``se`` are reported back in factor units.
 
     Attributes: ``lml0`` (null log marginal likelihood at the fitted variances, computed
     with the same algebra as the scan's alternative models; it equals glimix-core's
     ``scanner.null_lml()`` whenever glimix-core's least-squares solve keeps every
-    direction of M, see :func:`fit_null_model`), ``v0`` / ``v1`` (kinship / residual
-    variance, in units of the scaled factor), ``scanner`` (glimix-core's
-    ``FastScanner``, kept for cross-checks) and the precomputed products of the scan
-    (``D0``, ``v``, ``Q0tM``, ``PM``, ...).
+    direction of M, see :func:`fit_null_model`), ``lml_fit`` (the maximised profile
+    likelihood, glimix-core's ``lmm.lml()``), ``delta`` and ``scale`` (glimix-core's
+    parameters), ``v0`` / ``v1`` (kinship / residual variance, in units of the scaled
+    factor), ``scanner`` (glimix-core's ``FastScanner`` at these variances, built on
+    first use, for cross-checks) and the precomputed products of the scan (``D0``,
+    ``v``, ``Q0tM``, ``PM``, ...).
     """
 
     factor: str
@@ -392,7 +447,6 @@ class NullModel:
     v0: float
     v1: float
     y_scale: float
-    scanner: object
     D0: np.ndarray
     v: float
     static_lml: float
@@ -408,10 +462,31 @@ class NullModel:
     df_resid: int = 0
     #: residual variance < DEGENERATE_RESIDUAL_FRACTION of the total (all on the kinship)
     degenerate: bool = False
+    #: glimix-core's parametrisation: ``delta = v1 / (v0 + v1)``, ``scale = v0 + v1``
+    delta: float = float("nan")
+    scale: float = float("nan")
+    #: the maximised log marginal likelihood of the fit (glimix-core's ``lmm.lml()``)
+    lml_fit: float = float("nan")
+    _ys: np.ndarray | None = field(default=None, repr=False)
+    _M: np.ndarray | None = field(default=None, repr=False)
+    _basis: "KinshipBasis | None" = field(default=None, repr=False)
+    _scanner: object = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
         return self.PM.shape[0]
+
+    @property
+    def scanner(self):
+        """glimix-core's ``FastScanner`` for this null model (what
+        ``LMM.get_fast_scanner()`` returns at these variances); built on first use."""
+        if self._scanner is None:
+            from glimix_core.lmm import FastScanner
+
+            b = self._basis
+            self._scanner = FastScanner(self._ys, self._M, ((b.Q0,), self.v0 * b.S0),
+                                        self.v1)
+        return self._scanner
 
 
 def _safe_log(x):
@@ -420,59 +495,365 @@ def _safe_log(x):
     return np.log(np.clip(x, epsilon.small, np.inf))
 
 
+#: logit(delta) grid of the vectorised null fit (:func:`fit_null_models`); the
+#: largest profile likelihood on it is refined by bisection on the derivative.
+NULL_FIT_LOGIT_GRID = np.concatenate([[-30.0, -24.0, -18.0, -14.0],
+                                      np.arange(-11.0, 11.001, 0.5),
+                                      [14.0, 18.0, 24.0, 30.0]])
+#: Bisection steps of the refinement (the bracket, two grid steps wide, shrinks to
+#: about 1e-14 in logit(delta)).
+NULL_FIT_BISECTIONS = 48
+
+
+def _logit_to_delta(x):
+    """glimix-core's ``delta`` of a logit (clamped to ``[eps, 1 - eps]``)."""
+    from numpy_sugar import epsilon
+
+    with np.errstate(over="ignore"):
+        e = np.exp(-np.abs(x))
+        d = np.where(x > 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return np.clip(d, epsilon.tiny, 1.0 - epsilon.tiny)
+
+
+class _ProfileML:
+    """The ML profile log-likelihood of ``y_k ~ N(M b, s ((1 - delta) K + delta I))`` over
+    delta, with ``b`` and ``s`` at their optimum, for K factors at once, in the
+    eigenbasis of K (``K = Q0 diag(S0) Q0^T``, rank r)::
+
+        D0 = (1 - delta) S0 + delta,   B = Q0 D0^-1 Q0^T + (I - Q0 Q0^T) / delta
+        b = (M^T B M)^-1 M^T B y,      s = (y^T B y - y^T B M b) / n
+        lml = -(n log(2 pi) + n + n log s + sum log D0 + (n - r) log delta) / 2
+
+    (glimix-core's ``LMM``, ``restricted=False``) and its derivative in
+    ``x = logit(delta)`` (envelope theorem: ``ds/ddelta = (y - M b)^T (dB/ddelta)
+    (y - M b) / n``).
+    """
+
+    def __init__(self, Ys: np.ndarray, M: np.ndarray, basis: "KinshipBasis"):
+        Q0, S0 = basis.Q0, basis.S0
+        self.n, self.r = Q0.shape
+        self.S0 = S0
+        self.Q0ty = np.ascontiguousarray((Q0.T @ Ys).T)            # (K, r)
+        self.Q0tM = Q0.T @ M                                       # (r, c)
+        c = M.shape[1]
+        self.c = c
+        self.QQ = (self.Q0tM[:, :, None] * self.Q0tM[:, None, :]).reshape(self.r, c * c)
+        K = Ys.shape[1]
+        if self.r < self.n:
+            Py = Ys - Q0 @ self.Q0ty.T
+            PM = M - Q0 @ self.Q0tM
+            self.yPy = np.einsum("ik,ik->k", Py, Py)
+            self.MPy = (PM.T @ Py).T                               # (K, c)
+            self.MPM = PM.T @ PM
+        else:
+            self.yPy, self.MPy, self.MPM = np.zeros(K), np.zeros((K, c)), np.zeros((c, c))
+
+    def __call__(self, x: np.ndarray):
+        """Profile lml, its derivative in logit(delta), scale s, delta, b (K, c)."""
+        from numpy_sugar import epsilon
+
+        n, r, c = self.n, self.r, self.c
+        delta = _logit_to_delta(np.asarray(x, dtype=np.float64))
+        D0 = (1.0 - delta)[:, None] * self.S0[None, :] + delta[:, None]
+        W = 1.0 / D0
+        WQy = W * self.Q0ty
+        yBy = np.einsum("kr,kr->k", WQy, self.Q0ty) + self.yPy / delta
+        MBy = WQy @ self.Q0tM + self.MPy / delta[:, None]
+        MBM = (W @ self.QQ).reshape(-1, c, c) + self.MPM[None] / delta[:, None, None]
+        b = np.linalg.solve(MBM, MBy[:, :, None])[:, :, 0]
+        s = np.maximum((yBy - np.einsum("kc,kc->k", MBy, b)) / n, epsilon.small)
+        logdet = np.log(D0).sum(axis=1) + (n - r) * np.log(delta)
+        lml = -(n * np.log(2 * np.pi) + n + n * np.log(s) + logdet) / 2.0
+        res = self.Q0ty - b @ self.Q0tM.T                         # Q0^T (y - M b)
+        rPr = (self.yPy - 2.0 * np.einsum("kc,kc->k", b, self.MPy)
+               + np.einsum("ki,ij,kj->k", b, self.MPM, b))
+        one_s = 1.0 - self.S0
+        ds = -(np.einsum("kr,r->k", res * res * W * W, one_s) + rPr / delta ** 2) / n
+        dlogdet = W @ one_s + (n - r) / delta
+        dlml = -(n * ds / s + dlogdet) / 2.0
+        return lml, dlml * delta * (1.0 - delta), s, delta, b
+
+
+def _maximise_profile(profile: _ProfileML, K: int) -> np.ndarray:
+    """logit(delta) maximising each factor's profile likelihood: the best point of
+    :data:`NULL_FIT_LOGIT_GRID`, then bisection on the sign of the derivative inside
+    the two neighbouring grid intervals. A maximum beyond the grid's ends (the
+    likelihood still rising there) is put at glimix-core's bound: delta = eps or
+    1 - eps."""
+    grid = NULL_FIT_LOGIT_GRID
+    values = np.stack([profile(np.full(K, g))[0] for g in grid])      # (grid, K)
+    values = np.where(np.isfinite(values), values, -np.inf)
+    best = values.argmax(axis=0)
+    lo = grid[np.maximum(best - 1, 0)]
+    hi = grid[np.minimum(best + 1, grid.size - 1)]
+    a, b = lo.copy(), hi.copy()
+    for _ in range(NULL_FIT_BISECTIONS):
+        mid = 0.5 * (a + b)
+        rising = profile(mid)[1] > 0
+        a = np.where(rising, mid, a)
+        b = np.where(rising, b, mid)
+    x = 0.5 * (a + b)
+    lml_x = profile(x)[0]
+    # keep the grid point where it is better (a bracket without an interior maximum)
+    x = np.where(np.isfinite(lml_x) & (lml_x >= values[best, np.arange(K)]), x, grid[best])
+    end_lo = (best == 0) & (np.abs(x - grid[0]) < 1e-9)
+    end_hi = (best == grid.size - 1) & (np.abs(x - grid[-1]) < 1e-9)
+    if end_lo.any() or end_hi.any():
+        slope = profile(x)[1]
+        x = np.where(end_lo & (slope < 0), -np.inf, x)
+        x = np.where(end_hi & (slope > 0), np.inf, x)
+    return x
+
+
+def fit_null_models(Y: np.ndarray, M: np.ndarray, basis: "KinshipBasis",
+                    factors: Sequence[str] | None = None) -> list[NullModel]:
+    """Fit the null LMM of every factor (columns of ``Y``) at once and precompute
+    their scans.
+
+    ``Y``: (n, K) factor values; ``M``: (n, c) intercept + covariates (well scaled:
+    :func:`associate_factors` standardises covariate columns); ``basis``: the kinship's
+    :class:`KinshipBasis`; ``factors``: K names.
+
+    Each factor is divided by its sd and its maximum-likelihood null model
+    ``y ~ N(M alpha, s ((1 - delta) K + delta I))`` is the one glimix-core's
+    ``LMM(y, M, QS, restricted=False).fit()`` looks for: the profile likelihood over
+    delta (alpha and s at their closed-form optimum) is maximised, here for all factors
+    in one batched computation in the eigenbasis of K (:class:`_ProfileML`): evaluated
+    on the grid :data:`NULL_FIT_LOGIT_GRID` of logit(delta), then refined by bisection
+    on its derivative. glimix-core maximises the same function with Brent's method
+    stopped at a tolerance of 1e-6 in logit(delta); the two fits agree in
+    log-likelihood to rounding and in variances and p-values to that tolerance
+    (``tests/test_association_scale.py``).
+
+    The null lml used by the scan is computed with the same exact algebra as the
+    alternative models (see :func:`fit_null_model`). Returns one :class:`NullModel` per
+    factor.
+    """
+    from numpy_sugar import epsilon
+
+    Y = np.asarray(Y, dtype=np.float64)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    M = np.asarray(M, dtype=np.float64)
+    n, K = Y.shape
+    factors = [str(f) for f in (factors if factors is not None else range(K))]
+    y_scale = Y.std(axis=0)
+    Ys = Y / y_scale[None, :]
+    profile = _ProfileML(Ys, M, basis)
+    x = _maximise_profile(profile, K)
+    lml_fit, _, scale, delta, _ = profile(x)
+    v0 = scale * (1.0 - delta)
+    v1 = scale * delta
+    # the scan's covariance: Q0 diag(v0 S0) Q0^T + v I, v = v1 floored to 0 (as
+    # glimix-core's fast scanner)
+    v = np.where(v1 > epsilon.small, v1, 0.0)
+    Q0, S0 = basis.Q0, basis.S0
+    r = Q0.shape[1]
+    D0 = v0[:, None] * S0[None, :] + v[:, None]                           # (K, r)
+    with np.errstate(divide="ignore"):
+        static = (-n * np.log(2 * np.pi) - n - _safe_log(D0).sum(axis=1)
+                  - (n - r) * _safe_log(v))
+    Q0tM = profile.Q0tM
+    Q0ty = profile.Q0ty                                                    # (K, r)
+    PM = M - Q0 @ Q0tM
+    Py = Ys - Q0 @ Q0ty.T                                                  # (n, K)
+    W = 1.0 / D0
+    A = (W @ profile.QQ).reshape(K, M.shape[1], M.shape[1])
+    a = (W * Q0ty) @ Q0tM
+    yTBy = np.einsum("kr,kr->k", W * Q0ty, Q0ty)
+    pos = v > 0
+    if pos.any():
+        A[pos] += (PM.T @ PM)[None] / v[pos, None, None]
+        a[pos] += (Py[:, pos].T @ PM) / v[pos, None]
+        yTBy[pos] += np.einsum("ik,ik->k", Py[:, pos], Py[:, pos]) / v[pos]
+    A_pinv = np.linalg.pinv((A + np.swapaxes(A, 1, 2)) / 2.0, hermitian=True)
+    bstar0 = np.maximum(yTBy - np.einsum("ki,kij,kj->k", a, A_pinv, a), epsilon.tiny)
+    lml0 = (static - n * _safe_log(bstar0 / n)) / 2.0
+    rank_m = int(np.linalg.matrix_rank(M))
+    n_eff = np.where(pos, n, r)
+    degenerate = v1 <= DEGENERATE_RESIDUAL_FRACTION * (v0 + v1)
+    return [NullModel(factors[k], float(lml0[k]), float(v0[k]), float(v1[k]),
+                      float(y_scale[k]), D0[k], float(v[k]), float(static[k]), Q0tM, PM,
+                      Q0ty[k], Py[:, k].copy(), A_pinv[k], a[k], float(bstar0[k]),
+                      int(n_eff[k] - rank_m - 1), bool(degenerate[k]), float(delta[k]),
+                      float(scale[k]), float(lml_fit[k]), Ys[:, k].copy(), M, basis)
+            for k in range(K)]
+
+
 def fit_null_model(y: np.ndarray, M: np.ndarray, basis: "KinshipBasis",
                    factor: str = "") -> NullModel:
-    """Fit the null LMM of one factor with glimix-core and precompute its scan.
+    """Fit the null LMM of one factor and precompute its scan
+    (:func:`fit_null_models` with one factor).
 
     ``y``: (n,) factor values; ``M``: (n, c) intercept + covariates (well scaled:
     :func:`associate_factors` standardises covariate columns); ``basis``: the kinship's
     :class:`KinshipBasis`.
 
-    The null lml is computed here rather than taken from ``scanner.null_lml()``:
-    glimix-core solves the null normal equations with a truncated least squares
-    (``rcond = 1.5e-8``) that drops directions of a badly conditioned ``M^T B M``, while
-    the alternative models are solved exactly; mixing the two would inflate every
-    likelihood ratio.
+    The null lml is computed with the same algebra as the alternative models rather
+    than taken from glimix-core's ``scanner.null_lml()``: glimix-core solves the null
+    normal equations with a truncated least squares (``rcond = 1.5e-8``) that drops
+    directions of a badly conditioned ``M^T B M``, while the alternative models are
+    solved exactly; mixing the two would inflate every likelihood ratio.
     """
-    from glimix_core.lmm import LMM
-    from numpy_sugar import epsilon
+    return fit_null_models(np.asarray(y, dtype=np.float64)[:, None], M, basis, [factor])[0]
 
-    y = np.asarray(y, dtype=np.float64)
-    M = np.asarray(M, dtype=np.float64)
-    y_scale = float(np.std(y))
-    ys = y / y_scale
-    lmm = LMM(ys, M, basis.QS, restricted=False)
-    lmm.fit(verbose=False)
-    scanner = lmm.get_fast_scanner()
-    v0, v1 = float(lmm.v0), float(lmm.v1)
-    # the fast scanner's covariance: Q0 diag(v0 S0) Q0^T + v I, with v = v1 floored to 0
-    v = v1 if v1 > epsilon.small else 0.0
-    D0 = v0 * basis.S0 + v
-    n, r = basis.Q0.shape
-    static = -n * np.log(2 * np.pi) - n - _safe_log(D0).sum() - (n - r) * _safe_log(v)
-    Q0tM = basis.Q0.T @ M
-    Q0ty = basis.Q0.T @ ys
-    PM = M - basis.Q0 @ Q0tM
-    Py = ys - basis.Q0 @ Q0ty
 
-    def bdot(Q0tu, Pu, Q0tw, Pw):
-        out = Q0tu.T @ (Q0tw / D0[:, None] if Q0tw.ndim == 2 else Q0tw / D0)
-        if v > 0:
-            out = out + Pu.T @ Pw / v
+class ScanPlan:
+    """The scan of every factor against SNP blocks, one kinship, all factors batched.
+
+    Built from the factors' :class:`NullModel` (same kinship basis) and the test of each
+    (``"lrt"`` or ``"f"``). For SNP g and factor k, with ``B_k`` the fast scanner's fixed
+    covariance inverse and ``r_k = y_k - M alpha_k`` the null residual, the scan needs
+    ``d = g^T B_k g``, ``num = r_k^T B_k g`` and ``P = M^T B_k g``; with
+    ``R_k^T R_k = (M^T B_k M)^+``::
+
+        s = d - |R_k P|^2,   alpha = num / s,   bstar = bstar0 - num alpha
+
+    (the Schur complement of :func:`scan_block`). In the eigenbasis every one of these is
+    a row vector times ``Q0^T G``, so a block of m SNPs costs the rotation ``Q0^T G``
+    (shared by all factors; :meth:`KinshipBasis.rotate`) plus two products with
+    ``K (c + 2)`` rows: ``[r_k / D0_k ; R_k M^T / D0_k] Q0^T G`` and
+    ``(1 / D0_k) (Q0^T G)^2`` (c = columns of M). A kinship of rank ``r < n`` adds the
+    terms of ``(I - Q0 Q0^T)`` (``/ v_k``). Picklable: a Dask worker scans with it.
+    """
+
+    def __init__(self, models: Sequence[NullModel], basis: "KinshipBasis",
+                 methods: Sequence[str] | None = None):
+        models = list(models)
+        if not models:
+            raise ValueError("ScanPlan needs at least one null model")
+        methods = list(methods) if methods is not None else ["lrt"] * len(models)
+        for mth in methods:
+            if mth not in ("lrt", "f"):
+                raise ValueError(f"method must be 'lrt' or 'f', got {mth!r}")
+        self.factors = [m.factor for m in models]
+        self.Q0 = basis.Q0
+        n, r = self.Q0.shape
+        self.n, self.r = n, r
+        K = len(models)
+        Q0tM = models[0].Q0tM
+        c = Q0tM.shape[1]
+        D0 = np.stack([m.D0 for m in models])                             # (K, r)
+        self.Wd = 1.0 / D0
+        self.v = np.array([m.v for m in models])
+        A_pinv = np.stack([m.A_pinv for m in models])                     # (K, c, c)
+        a = np.stack([m.a for m in models])
+        b0 = np.einsum("kij,kj->ki", A_pinv, a)                           # (K, c)
+        lam, V = np.linalg.eigh((A_pinv + np.swapaxes(A_pinv, 1, 2)) / 2.0)
+        R = np.sqrt(np.clip(lam, 0.0, None))[:, :, None] * np.swapaxes(V, 1, 2)
+        Q0tres = np.stack([m.Q0ty for m in models]) - b0 @ Q0tM.T          # (K, r)
+        rows_num = Q0tres * self.Wd
+        rows_P = np.einsum("kij,rj,kr->kir", R, Q0tM, self.Wd)            # (K, c, r)
+        self.T = np.ascontiguousarray(np.concatenate([rows_num,
+                                                      rows_P.reshape(K * c, r)]))
+        self.c = c
+        self.extra = r < n and bool((self.v > 0).any())
+        if self.extra:
+            PM = models[0].PM
+            inv_v = np.where(self.v > 0, 1.0 / np.where(self.v > 0, self.v, 1.0), 0.0)
+            Pres = np.stack([m.Py for m in models]) - b0 @ PM.T               # (K, n)
+            self.Pres = Pres * inv_v[:, None]
+            self.RP = R * inv_v[:, None, None]                               # (K, c, c)
+            self.PM = PM
+            self.inv_v = inv_v
+        self.bstar0 = np.array([m.bstar0 for m in models])
+        self.static = np.array([m.static_lml for m in models])
+        self.lml0 = np.array([m.lml0 for m in models])
+        self.y_scale = np.array([m.y_scale for m in models])
+        self.df = np.array([m.df_resid for m in models])
+        self.methods = np.array(methods)
+
+    @property
+    def n_factors(self) -> int:
+        return len(self.factors)
+
+    def rotate(self, G: np.ndarray) -> RotatedBlock:
+        """As :meth:`KinshipBasis.rotate`."""
+        G = np.asarray(G, dtype=np.float64)
+        Q0tG = self.Q0.T @ G
+        if self.r < self.n:
+            PG = G - self.Q0 @ Q0tG
+            return RotatedBlock(G, Q0tG, np.einsum("ij,ij->j", PG, PG))
+        return RotatedBlock(G, Q0tG, np.zeros(G.shape[1]))
+
+    def scan(self, block: RotatedBlock, full: bool = False) -> dict:
+        """Test every SNP of ``block`` against every factor.
+
+        Returns (K, m) arrays ``beta`` and ``se`` (factor units per allele) and
+        ``pvalue`` of each factor's test; with ``full`` also ``lml``, ``scale``,
+        ``pvalue_lrt``, ``pvalue_f``, ``se_lrt`` and ``se_f`` (both tests for every
+        factor). Pairs whose SNP is collinear with the covariates (``s`` not positive)
+        are NaN.
+        """
+        from numpy_sugar import epsilon
+        from scipy import special
+
+        K, c, n = self.n_factors, self.c, self.n
+        Q0tG = block.Q0tG
+        m = Q0tG.shape[1]
+        d = self.Wd @ (Q0tG * Q0tG)
+        Z = self.T @ Q0tG
+        num = Z[:K]
+        P = Z[K:].reshape(K, c, m)
+        if self.extra:
+            d = d + self.inv_v[:, None] * block.PGsq[None, :]
+            num = num + self.Pres @ block.G
+            P = P + np.einsum("kij,jm->kim", self.RP, self.PM.T @ block.G)
+        s = d - np.einsum("kim,kim->km", P, P)
+        ok = s > 1e-10 * np.maximum(d, np.finfo(float).tiny)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s_ok = np.where(ok, s, np.nan)
+            alpha = num / s_ok
+            bstar = np.clip(self.bstar0[:, None] - num * alpha, epsilon.tiny, np.inf)
+        def rows(mask):
+            return slice(None) if mask.all() else np.flatnonzero(mask)
+
+        is_lrt = self.methods == "lrt"
+        is_f = (self.methods == "f") & (self.df >= 1)
+        out = {}
+        parts = []                                   # (rows, p, se) of each test
+        with np.errstate(divide="ignore", invalid="ignore"):
+            k = rows(is_lrt | full)
+            if (is_lrt | full).any():
+                scale = bstar[k] / n
+                lml = (self.static[k, None] - n * _safe_log(scale)) / 2.0
+                lrt = np.clip(2.0 * (lml - self.lml0[k, None]), 0.0, None)
+                # chi2(1).sf(x) = erfc(sqrt(x / 2)) (scipy's chdtrc is ~100x slower)
+                p_lrt = np.where(ok[k], special.erfc(np.sqrt(lrt / 2.0)), np.nan)
+                se_lrt = np.sqrt(scale / s_ok[k])
+                parts.append((k, is_lrt, p_lrt, se_lrt))
+                if full:
+                    out.update(lml=lml, scale=scale, pvalue_lrt=p_lrt, se_lrt=se_lrt)
+            f_mask = (self.methods == "f") | full
+            f_mask &= self.df >= 1
+            if f_mask.any():
+                k = rows(f_mask)
+                df = self.df[k, None].astype(np.float64)
+                sigma2 = bstar[k] / df
+                fstat = np.clip(self.bstar0[k, None] - bstar[k], 0.0, None) / sigma2
+                p_f = np.where(ok[k], special.fdtrc(1.0, df, fstat), np.nan)
+                se_f = np.sqrt(sigma2 / s_ok[k])
+                parts.append((k, is_f, p_f, se_f))
+                if full:
+                    pf_all = np.full((K, m), np.nan)
+                    sf_all = np.full((K, m), np.nan)
+                    pf_all[k], sf_all[k] = p_f, se_f
+                    out.update(pvalue_f=pf_all, se_f=sf_all)
+        if full and "pvalue_f" not in out:
+            out.update(pvalue_f=np.full((K, m), np.nan), se_f=np.full((K, m), np.nan))
+        if len(parts) == 1 and isinstance(parts[0][0], slice) and parts[0][1].all():
+            pvalue, se = parts[0][2], parts[0][3]      # one test for every factor
+        else:
+            pvalue = np.full((K, m), np.nan)
+            se = np.full((K, m), np.nan)
+            for k, use, p_k, se_k in parts:
+                idx = np.arange(K)[k]
+                sel = use[idx]
+                pvalue[idx[sel]] = p_k[sel]
+                se[idx[sel]] = se_k[sel]
+        out.update(beta=alpha * self.y_scale[:, None], se=se * self.y_scale[:, None],
+                   pvalue=pvalue)
         return out
-
-    A = bdot(Q0tM, PM, Q0tM, PM)
-    a = bdot(Q0tM, PM, Q0ty, Py)
-    yTBy = float(bdot(Q0ty, Py, Q0ty, Py))
-    A_pinv = np.linalg.pinv((A + A.T) / 2.0, hermitian=True)
-    bstar0 = max(float(yTBy - a @ A_pinv @ a), epsilon.tiny)
-    lml0 = (static - n * _safe_log(bstar0 / n)) / 2.0
-    rank_m = int(np.linalg.matrix_rank(M))
-    n_eff = n if v > 0 else r
-    degenerate = bool(v1 <= DEGENERATE_RESIDUAL_FRACTION * (v0 + v1))
-    return NullModel(factor, float(lml0), v0, v1, y_scale, scanner, D0, v,
-                     float(static), Q0tM, PM, Q0ty, Py, A_pinv, a, bstar0,
-                     int(n_eff - rank_m - 1), degenerate)
 
 
 def scan_block(model: NullModel, block: "RotatedBlock | np.ndarray",
@@ -493,7 +874,8 @@ def scan_block(model: NullModel, block: "RotatedBlock | np.ndarray",
     effect sizes to rounding), vectorised over SNPs and with the standard error scaled by
     the alternative model's scale, as glimix-core's single-SNP ``scan`` does (its
     ``fast_scan`` omits that factor when there is more than one covariate). A SNP whose
-    ``s`` is not positive (collinear with the covariates) gets NaN.
+    ``s`` is not positive (collinear with the covariates) gets NaN. (Several factors at
+    once: :class:`ScanPlan`, which computes the same.)
 
     ``method="f"``: the exact small-sample test of the same fit. With the variance ratio
     of the null model held fixed (as the fast scanner does), the alternative is a
@@ -510,50 +892,17 @@ def scan_block(model: NullModel, block: "RotatedBlock | np.ndarray",
     Returns arrays (m,): ``lml``, ``beta`` and ``se`` (factor units per allele),
     ``pvalue`` (of ``method``), ``pvalue_lrt``, ``pvalue_f``, ``scale``.
     """
-    from numpy_sugar import epsilon
-
     if not isinstance(block, RotatedBlock):
         raise TypeError("scan_block takes KinshipBasis.rotate(G)")
-    W = block.Q0tG / model.D0[:, None]
-    d = np.einsum("ij,ij->j", block.Q0tG, W)
-    q = model.Q0ty @ W
-    P = model.Q0tM.T @ W
-    if model.v > 0:
-        d = d + block.PGsq / model.v
-        q = q + (model.Py @ block.G) / model.v
-        P = P + (model.PM.T @ block.G) / model.v
-    AP = model.A_pinv @ P
-    s = d - np.einsum("ij,ij->j", P, AP)
-    num = q - model.a @ AP
-    ok = s > 1e-10 * np.maximum(d, np.finfo(float).tiny)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        alpha = np.where(ok, num / np.where(ok, s, 1.0), np.nan)
-        bstar = np.clip(model.bstar0 - np.where(ok, num * alpha, np.nan), epsilon.tiny, np.inf)
-        scale = bstar / model.n
-        lml = (model.static_lml - model.n * _safe_log(scale)) / 2.0
-        se = np.sqrt(scale / np.where(ok, s, np.nan))
-    lrt = np.clip(2.0 * (lml - model.lml0), 0.0, None)
-    p = stats.chi2(1).sf(lrt)
-    p[~ok] = np.nan
-    df = model.df_resid
-    if df >= 1:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sigma2 = bstar / df
-            fstat = np.clip(model.bstar0 - bstar, 0.0, None) / sigma2
-            p_f = stats.f(1, df).sf(fstat)
-            se_f = np.sqrt(sigma2 / np.where(ok, s, np.nan))
-        p_f[~ok] = np.nan
-    else:
-        p_f = np.full_like(p, np.nan)
-        se_f = np.full_like(p, np.nan)
-    if method == "lrt":
-        pvalue, se_out = p, se
-    elif method == "f":
-        pvalue, se_out = p_f, se_f
-    else:
+    if method not in ("lrt", "f"):
         raise ValueError(f"method must be 'lrt' or 'f', got {method!r}")
-    return {"lml": lml, "beta": alpha * model.y_scale, "se": se_out * model.y_scale,
-            "pvalue": pvalue, "pvalue_lrt": p, "pvalue_f": p_f, "scale": scale}
+    if model._basis is None:
+        raise ValueError("scan_block needs a NullModel from fit_null_model(s)")
+    r = ScanPlan([model], model._basis, [method]).scan(block, full=True)
+    se = r["se_lrt"] if method == "lrt" else r["se_f"]
+    return {"lml": r["lml"][0], "beta": r["beta"][0], "se": se[0] * model.y_scale,
+            "pvalue": r["pvalue"][0], "pvalue_lrt": r["pvalue_lrt"][0],
+            "pvalue_f": r["pvalue_f"][0], "scale": r["scale"][0]}
 
 
 def choose_pvalue_method(n_donors: int, rank_m: int, method: str = "auto") -> str:
@@ -582,53 +931,28 @@ def choose_pvalue_method(n_donors: int, rank_m: int, method: str = "auto") -> st
 # --------------------------------------------------------------------------------------
 
 
-def _annotate_snps(res: pd.DataFrame, snps: pd.DataFrame, maf: np.ndarray) -> pd.DataFrame:
-    """``res`` with :data:`SNP_COLUMNS` appended from the genotypes' SNP table and the MAF
-    of the tested dosages (``maf``: one value per row of ``snps``)."""
+def _snp_annotations(snps: pd.DataFrame, maf: np.ndarray) -> dict:
+    """Per SNP (rows of the genotypes' SNP table), the :data:`SNP_COLUMNS` of the
+    results: chromosome, position, the two alleles (None where the genotypes do not
+    have them) and ``maf`` (the MAF of the tested dosages, one value per SNP)."""
     snps = snps.reset_index(drop=True)
     lowered = {str(c).strip().lower(): c for c in snps.columns}
 
     def column(names):
         found = next((lowered[n] for n in names if n in lowered), None)
-        return (snps[found].astype(object).where(snps[found].notna(), None)
-                if found is not None else pd.Series([None] * len(snps)))
+        if found is None:
+            return np.full(len(snps), None, dtype=object)
+        return snps[found].astype(object).where(snps[found].notna(), None).to_numpy(object)
 
-    table = pd.DataFrame({
-        "chrom": column(("chrom",)), "pos": pd.to_numeric(snps["pos"]).round().astype("Int64"),
-        "allele_1": column(_ALLELE_1_NAMES), "allele_2": column(_ALLELE_2_NAMES),
-        "maf": maf})
-    table.index = snps["snp"].astype(str).to_numpy()
-    extra = table.reindex(res["snp"].astype(str).to_numpy()).reset_index(drop=True)
-    return pd.concat([res.reset_index(drop=True), extra], axis=1)[RESULT_COLUMNS + SNP_COLUMNS]
+    return {"chrom": column(("chrom",)),
+            "pos": pd.to_numeric(snps["pos"]).round().astype("Int64").array,
+            "allele_1": column(_ALLELE_1_NAMES), "allele_2": column(_ALLELE_2_NAMES),
+            "maf": np.asarray(maf, dtype=np.float64)}
 
 
 def _index_chunks(index: np.ndarray, chunk_size: int):
     for start in range(0, len(index), chunk_size):
         yield index[start:start + chunk_size]
-
-
-def _qc_chunks(geno, donors: list[str], index: np.ndarray, chunk_size: int, maf: float):
-    """Yield (original SNP indices kept, QC'd (n_donors, kept) block, qc counts).
-
-    ``geno``: a :class:`Genotypes` already restricted to ``donors`` (in that order) or a
-    :class:`PlinkReader` (read from disk chunk by chunk). ``index``: SNP indices to walk.
-    """
-    for idx in _index_chunks(index, chunk_size):
-        if isinstance(geno, PlinkReader):
-            contiguous = idx[-1] - idx[0] + 1 == len(idx)
-            sel = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx
-            dos = geno.read(sel, donors).dosages
-        else:
-            dos = geno.dosages[:, idx]
-        block = qc_dosage_block(dos, maf)
-        yield idx[block.keep], block.dosages, block.counts
-
-
-def _progress(iterable, total, desc, enabled):
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, file=sys.stderr,
-                leave=False)
 
 
 def _check_all_snp_kinship(geno, m: int, n: int, unknown: np.ndarray, chrom,
@@ -704,7 +1028,8 @@ def associate_factors(factors: pd.DataFrame, genotypes, *, kinship=None,
                       maf: float = 0.05, loco: bool | None = None,
                       pvalue_method: str = "auto",
                       allow_partial_donor_match: bool = False,
-                      progress: bool = True) -> tuple[pd.DataFrame, dict]:
+                      progress: bool = True,
+                      dask_scheduler=None) -> tuple[pd.DataFrame, dict]:
     """Test every donor factor against every SNP with a linear mixed model.
 
     Parameters
@@ -713,8 +1038,9 @@ def associate_factors(factors: pd.DataFrame, genotypes, *, kinship=None,
         Factor values (e.g. the columns of LIVI's D and V).
     genotypes : Genotypes, PlinkReader or path
         Dosages. A :class:`PlinkReader` (or a PLINK path) is read from disk in chunks of
-        ``chunk_size`` SNPs, twice (QC + kinship, then the scan), so memory stays
-        bounded for large files.
+        ``chunk_size`` SNPs (bed-reader column windows): once (the scan, QC included)
+        with a given kinship, twice with a computed one (QC + kinship, then the scan),
+        so memory stays bounded by a chunk for large files (plus the results).
     kinship : DataFrame (donor ids as index and columns), array, ``"identity"`` or None
         Donor relatedness. An array must be ordered as ``factors.index``.
         ``"identity"``: unrelated donors (K = I; the test is then the least-squares
@@ -736,7 +1062,9 @@ def associate_factors(factors: pd.DataFrame, genotypes, *, kinship=None,
     fdr_method : {"bh", "storey"}
         Benjamini-Hochberg or Storey q-values, over all factor x SNP pairs together.
     chunk_size : int
-        SNPs per block.
+        SNPs per block (CLI ``--chunk-size``): one block is read, rotated by the
+        kinship's eigenvectors once (``Q0^T G``) and tested against every factor at
+        once (:class:`ScanPlan`). Results do not depend on it (to rounding).
     maf : float
         Minor-allele-frequency threshold of the SNP QC
         (:func:`~pyro_livi.data.genotypes.quality_control` rules), on the analysed donors.
@@ -764,6 +1092,14 @@ def associate_factors(factors: pd.DataFrame, genotypes, *, kinship=None,
         spelled differently.
     progress : bool
         Progress bars on stderr.
+    dask_scheduler : str, distributed.Client or None
+        Run the passes over SNP chunks on a Dask cluster (``dask.distributed``; install
+        with ``pip install "pyro-livi[distributed]"``): a scheduler address such as
+        ``"tcp://host:8786"`` (CLI ``--dask-scheduler``) or a ``Client``. Each chunk is
+        one task (:mod:`pyro_livi.analysis.association_chunks`); the kinship, the null
+        models and the results table stay in this process. PLINK files must be readable
+        by the workers at the same path. The p-values equal those of the
+        single-process scan. Default None: this process.
 
     Returns
     -------
@@ -817,7 +1153,7 @@ def associate_factors(factors: pd.DataFrame, genotypes, *, kinship=None,
     try:
         return _associate(factors, genotypes, kinship, covariates, inverse_normal, fdr,
                           fdr_method, chunk_size, maf, loco, progress, pvalue_method,
-                          bool(allow_partial_donor_match))
+                          bool(allow_partial_donor_match), dask_scheduler)
     finally:
         if own_reader:
             genotypes.close()
@@ -825,7 +1161,7 @@ def associate_factors(factors: pd.DataFrame, genotypes, *, kinship=None,
 
 def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_method,
                chunk_size, maf, loco, progress, pvalue_method="auto",
-               allow_partial=False):
+               allow_partial=False, dask_scheduler=None):
     report: dict = {"genotypes": geno.source, "warnings": []}
     # ---- donors: factors x genotypes
     _, match = match_donors(geno, list(factors.index), source="the factor table",
@@ -967,12 +1303,12 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
     # ---- genotypes of the analysed donors (in memory: restricted once)
     if isinstance(geno, Genotypes):
         geno = geno.subset(donors)
+    source = ChunkSource.from_genotypes(geno, donors)
     all_idx = np.arange(geno.n_snps)
-    n_chunks = -(-geno.n_snps // chunk_size)
     chrom = geno.snps["chrom"].to_numpy(dtype=object)
-    unknown = np.array([c is None or (isinstance(c, float) and np.isnan(c))
-                        or str(c).strip() in ("", "0", "nan", "None") for c in chrom],
-                       dtype=bool)
+    chrom_text = pd.Series(chrom, dtype=object)
+    unknown = (chrom_text.isna() | chrom_text.astype(str).str.strip().isin(
+        ["", "0", "nan", "None"])).to_numpy(bool)
     loco_default = loco is None
     if loco is None:
         loco = bool(K_given is None and not unknown.any()
@@ -995,57 +1331,104 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
         groups = [(c, np.flatnonzero(chrom == c)) for c in labels]
     else:
         groups = [("all", all_idx)]
-    # ---- pass 1: SNP QC counts (+ kinship from the QC'd genotypes)
-    acc = KinshipAccumulator(n) if K_given is None else None
+    executor = make_executor(dask_scheduler)
+    report["scan"] = {"executor": executor.description, "chunk_size": chunk_size}
+    try:
+        return _passes(report, factors, geno, donors, source, executor, groups, loco,
+                       loco_default, K_given, kinship, kin_report, M, n, tested, ys,
+                       method, pvalue_method, maf, chunk_size, progress, unknown, chrom,
+                       fdr, fdr_method)
+    finally:
+        executor.close()
+
+
+def _chunk_args(source, geno, index, chunk_size, maf, *extra):
+    """Arguments of the chunk tasks over SNP indices ``index`` (generator)."""
+    for idx in _index_chunks(index, chunk_size):
+        yield (source.payload(geno, idx), idx, maf,
+               *(e[idx] if isinstance(e, np.ndarray) else e for e in extra))
+
+
+def _passes(report, factors, geno, donors, source, executor, groups, loco, loco_default,
+            K_given, kinship, kin_report, M, n, tested, ys, method, pvalue_method, maf,
+            chunk_size, progress, unknown, chrom, fdr, fdr_method):
+    """The passes over the SNPs (QC + kinship when computed, then the scan of each
+    kinship group) and the results table."""
+    n_chunks = -(-geno.n_snps // chunk_size)
     qc_total = None
-    kept_all = []
-    for kept, block, counts in _progress(_qc_chunks(geno, donors, all_idx, chunk_size,
-                                                    maf),
-                                         n_chunks, "QC" + (" + kinship" if acc else ""),
-                                         progress):
-        qc_total = merge_qc_counts(qc_total, counts)
-        kept_all.append(kept)
-        if acc is not None and block.shape[1]:
-            acc.add(block)
-    qc_total = dict(qc_total or {})
-    qc_total["maf"] = maf
-    report["snp_qc"] = qc_total
-    if qc_total.get("n_snps_kept", 0) == 0:
-        raise InputError(geno.source, "SNPs", f"no SNP passes QC on the {n} analysed donors "
-                         f"({qc_total})", "lower maf or check the genotypes")
-    if K_given is not None:
-        kin_report["mode"] = "given" if not isinstance(kinship, str) else "identity"
-    elif loco:
-        kin_report = {"source": "computed from the QC'd genotypes of the analysed donors",
-                      "mode": "leave-one-chromosome-out", "n_snps_used": acc.n_snps_used,
-                      "loco_chosen_by": ("default (SNPs on several chromosomes)"
-                                         if loco_default else "loco=True"),
-                      "n_snps_used_per_chromosome_left_out": {}}
-        _check_loco_kinship_snps(geno, groups, np.concatenate(kept_all), acc, n)
+    acc = parts = None
+    code_of = {label: i for i, (label, _) in enumerate(groups)}
+    # ---- pass 1 (computed kinship only): SNP QC counts + kinship from the QC'd SNPs
+    if K_given is None:
+        acc = KinshipAccumulator(n)
+        codes = False
+        if loco and len(groups) * n * n * 8 <= LOCO_KINSHIP_PARTS_MAX_BYTES:
+            codes = np.empty(geno.n_snps, dtype=np.int64)
+            for label, idx in groups:
+                codes[idx] = code_of[label]
+            parts = {i: KinshipAccumulator(n) for i in range(len(groups))}
+        kept_all = []
+        args = _chunk_args(source, geno, np.arange(geno.n_snps), chunk_size, maf, True,
+                           codes if parts is not None else None)
+        for r in _bar(executor.map(qc_kinship_task, args, source=source), n_chunks,
+                      "QC + kinship", progress):
+            qc_total = merge_qc_counts(qc_total, r["counts"])
+            kept_all.append(r["kept"])
+            if r["kinship"] is None:
+                continue
+            if parts is None:
+                acc.merge(r["kinship"])
+            else:
+                for code, part in r["kinship"].items():
+                    parts[code].merge(part)
+        if parts is not None:
+            for code in range(len(groups)):
+                acc.merge(parts[code])
+        qc_total = dict(qc_total or {})
+        qc_total["maf"] = maf
+        report["snp_qc"] = qc_total
+        if qc_total.get("n_snps_kept", 0) == 0:
+            _raise_no_snp(geno, n, qc_total)
+        kept_mask = np.zeros(geno.n_snps, dtype=bool)
+        kept_mask[np.concatenate(kept_all)] = True
+        if loco:
+            kin_report = {"source": "computed from the QC'd genotypes of the analysed "
+                          "donors", "mode": "leave-one-chromosome-out",
+                          "n_snps_used": acc.n_snps_used,
+                          "loco_chosen_by": ("default (SNPs on several chromosomes)"
+                                             if loco_default else "loco=True"),
+                          "n_snps_used_per_chromosome_left_out": {}}
+            _check_loco_kinship_snps(geno, groups, np.flatnonzero(kept_mask), acc, n)
+        else:
+            kin_report = {"source": "computed from the QC'd genotypes of the analysed "
+                          "donors", "mode": "all SNPs", "n_snps_used": acc.n_snps_used,
+                          "note": "the kinship contains the tested SNPs (proximal "
+                                  "contamination): conservative on a few regions"}
+            _check_all_snp_kinship(geno, acc.n_snps_used, n, unknown, chrom, loco_default)
     else:
-        kin_report = {"source": "computed from the QC'd genotypes of the analysed donors",
-                      "mode": "all SNPs", "n_snps_used": acc.n_snps_used,
-                      "note": "the kinship contains the tested SNPs (proximal "
-                              "contamination): conservative on a few regions"}
-        _check_all_snp_kinship(geno, acc.n_snps_used, n, unknown, chrom, loco_default)
+        kin_report["mode"] = "given" if not isinstance(kinship, str) else "identity"
+        kept_mask = None
     switched: set = set()
     # ---- per kinship group (all SNPs, or one chromosome): null models, then the scan
-    parts = {c: {"idx": [], "beta": [], "se": [], "pvalue": []} for c in tested}
+    Y = np.column_stack([ys[c] for c in tested])
     null_dirs: dict = {}
     null_report: dict = {c: {} for c in tested}
     maf_all = np.full(geno.n_snps, np.nan)
-    kept_mask = np.zeros(geno.n_snps, dtype=bool)
-    kept_mask[np.concatenate(kept_all)] = True
+    got = {"idx": [], "beta": [], "se": [], "pvalue": []}
     for label, idx in groups:
-        if not kept_mask[idx].any():          # nothing to test on this chromosome
-            continue
+        if kept_mask is not None and not kept_mask[idx].any():
+            continue                              # nothing to test on this chromosome
         if K_given is not None:
             K = K_given
         elif loco:
-            part = KinshipAccumulator(n)
-            for _, block, _ in _qc_chunks(geno, donors, idx, chunk_size, maf):
-                if block.shape[1]:
-                    part.add(block)
+            if parts is not None:
+                part = parts[code_of[label]]
+            else:                                 # parts too large to keep: re-read
+                part = KinshipAccumulator(n)
+                args = _chunk_args(source, geno, idx, chunk_size, maf, True, None)
+                for r in executor.map(qc_kinship_task, args, source=source):
+                    if r["kinship"] is not None:
+                        part.merge(r["kinship"])
             K = acc.without(part)
             kin_report["n_snps_used_per_chromosome_left_out"][label] = (
                 acc.n_snps_used - part.n_snps_used)
@@ -1053,7 +1436,7 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
             K = acc.result()
         basis = KinshipBasis(K, M)
         null_dirs[label] = basis.n_null_fixed_directions
-        models = [fit_null_model(ys[c], M, basis, c) for c in tested]
+        models = fit_null_models(Y, M, basis, tested)
         for m in models:
             null_report[m.factor][label] = {
                 "lml0": m.lml0, "kinship_variance": m.v0 * m.y_scale ** 2,
@@ -1061,20 +1444,26 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
                 "kinship_fraction": m.v0 / (m.v0 + m.v1),
                 "residual_df": m.df_resid, "degenerate": m.degenerate}
             _check_null_model(m, basis, label, n)
+        plan = ScanPlan(models, basis, [_scan_method(m, method, pvalue_method, switched)
+                                        for m in models])
         desc = "scan" if label == "all" else f"scan chrom {label}"
-        for kept, block, _ in _progress(_qc_chunks(geno, donors, idx, chunk_size, maf),
-                                        -(-len(idx) // chunk_size), desc, progress):
-            if block.shape[1] == 0:
+        args = _chunk_args(source, geno, idx, chunk_size, maf)
+        for r in _bar(executor.map(scan_task, args, source=source, plan=plan),
+                      -(-len(idx) // chunk_size), desc, progress):
+            if K_given is not None:
+                qc_total = merge_qc_counts(qc_total, r["counts"])
+            if r["kept"].size == 0:
                 continue
-            freq = block.mean(axis=0) / 2.0
-            maf_all[kept] = np.minimum(freq, 1.0 - freq)
-            rotated = basis.rotate(block)
-            for model in models:
-                r = scan_block(model, rotated, _scan_method(model, method, pvalue_method,
-                                                            switched))
-                parts[model.factor]["idx"].append(kept)
-                for key in ("beta", "se", "pvalue"):
-                    parts[model.factor][key].append(r[key])
+            maf_all[r["kept"]] = r["maf"]
+            got["idx"].append(r["kept"])
+            for key in ("beta", "se", "pvalue"):
+                got[key].append(r[key])
+    if K_given is not None:
+        qc_total = dict(qc_total or {})
+        qc_total["maf"] = maf
+        report["snp_qc"] = qc_total
+        if qc_total.get("n_snps_kept", 0) == 0:
+            _raise_no_snp(geno, n, qc_total)
     degenerate = sorted({f for f, v in null_report.items()
                          for x in v.values() if x["degenerate"]})
     report["pvalue_method"]["n_factors_with_degenerate_null_model"] = len(degenerate)
@@ -1095,36 +1484,69 @@ def _associate(factors, geno, kinship, covariates, inverse_normal, fdr, fdr_meth
     report["kinship"] = kin_report
     report["null_models"] = (null_report if loco else
                              {c: v["all"] for c, v in null_report.items()})
+    # ---- results: factors in input order, SNPs in genotype order
+    idx_all = np.concatenate(got["idx"])
+    stacked = [np.concatenate(got[key], axis=1) for key in ("beta", "se", "pvalue")]
+    if idx_all.size > 1 and not (np.diff(idx_all) > 0).all():   # chromosome groups
+        order = np.argsort(idx_all, kind="stable")
+        idx_all = idx_all[order]
+        stacked = [x[:, order] for x in stacked]
+    snp_pos = idx_all
+    beta, se, pvalue = stacked
+    K_f, m_t = beta.shape
+    # untestable pairs (non-finite statistics, e.g. a SNP collinear with covariates)
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(beta) & np.isfinite(se) & np.isfinite(pvalue) & (se > 0)
     snp_ids = geno.snps["snp"].to_numpy()
-    frames = []
-    for c in tested:
-        idx = np.concatenate(parts[c]["idx"])
-        order = np.argsort(idx, kind="stable")
-        frames.append(pd.DataFrame({
-            "factor": c, "snp": snp_ids[idx[order]],
-            "beta": np.concatenate(parts[c]["beta"])[order],
-            "se": np.concatenate(parts[c]["se"])[order],
-            "pvalue": np.concatenate(parts[c]["pvalue"])[order],
-        }))
-    res = pd.concat(frames, ignore_index=True)
-    # ---- untestable pairs (non-finite statistics, e.g. a SNP collinear with covariates)
-    finite = np.isfinite(res[["beta", "se", "pvalue"]].to_numpy()).all(axis=1)
-    finite &= res["se"].to_numpy() > 0
-    untestable = res.loc[~finite, ["factor", "snp"]]
-    report["untestable_pairs"] = {"n": int((~finite).sum()),
-                                  "examples": untestable.head(5).to_dict("records"),
-                                  "reason": "non-finite or zero standard error (SNP "
-                                            "collinear with the covariates)"}
-    res = res.loc[finite].reset_index(drop=True)
-    padj, info = adjust_pvalues(res["pvalue"].to_numpy(), fdr_method)
-    res["padj"] = np.clip(padj, 0.0, 1.0)
-    res["significant"] = res["padj"].to_numpy() < fdr
-    res = _annotate_snps(res[RESULT_COLUMNS], geno.snps, maf_all)
+    names = np.array(tested, dtype=object)
+    all_finite = bool(finite.all())
+    bad_k, bad_j = (np.empty(0, int), np.empty(0, int)) if all_finite else np.nonzero(~finite)
+    report["untestable_pairs"] = {
+        "n": int(bad_k.size),
+        "examples": [{"factor": names[k], "snp": snp_ids[snp_pos[j]]}
+                     for k, j in zip(bad_k[:5], bad_j[:5])],
+        "reason": "non-finite or zero standard error (SNP collinear with the covariates)"}
+    ann = _snp_annotations(geno.snps, maf_all)
+    if all_finite:                        # factor-major order = the arrays' row order
+        factor_col = np.repeat(names, m_t)
+        rows = np.tile(snp_pos, K_f)
+        beta_v, se_v, pv = beta.ravel(), se.ravel(), pvalue.ravel()
+    else:
+        kk, jj = np.nonzero(finite)
+        factor_col, rows = names[kk], snp_pos[jj]
+        beta_v, se_v, pv = beta[kk, jj], se[kk, jj], pvalue[kk, jj]
+    padj, info = adjust_pvalues(pv, fdr_method)
+    padj = np.clip(padj, 0.0, 1.0)
+    # one block per column (copy=False): no consolidation copy of millions of rows
+    res = pd.DataFrame({"factor": factor_col, "snp": snp_ids[rows], "beta": beta_v,
+                        "se": se_v, "pvalue": pv, "padj": padj, "significant": padj < fdr,
+                        **{c: ann[c].take(rows) for c in SNP_COLUMNS}}, copy=False)
     report["multiple_testing"] = {"method": fdr_method, "fdr": fdr, **info,
                                   "over": "all factor x SNP pairs together"}
     report["n_tests"] = int(len(res))
-    report["n_significant"] = int(res["significant"].sum())
-    report["lambda_gc"] = genomic_inflation(res["pvalue"].to_numpy())
-    report["lambda_gc_per_factor"] = {c: genomic_inflation(g["pvalue"].to_numpy())
-                                      for c, g in res.groupby("factor", sort=False)}
+    report["n_significant"] = int(np.count_nonzero(res["significant"].to_numpy()))
+    report["lambda_gc"] = genomic_inflation(pv)
+    report["lambda_gc_per_factor"] = _lambda_per_row(names, pvalue, finite, all_finite)
     return res, report
+
+
+def _lambda_per_row(names, pvalue: np.ndarray, finite: np.ndarray, all_finite: bool) -> dict:
+    """:func:`genomic_inflation` of each row of ``pvalue`` (its finite entries); rows
+    without any are left out. Without non-finite entries, the middle p-values of all
+    rows are found by one partial sort."""
+    K, m = pvalue.shape
+    if not all_finite or m == 0:
+        return {names[k]: genomic_inflation(pvalue[k, finite[k]])
+                for k in range(K) if finite[k].any()}
+    half = m // 2
+    if m % 2:
+        middle = np.partition(pvalue, half, axis=1)[:, half:half + 1]
+    else:
+        middle = np.partition(pvalue, (half - 1, half), axis=1)[:, half - 1:half + 1]
+    lam = stats.chi2.isf(middle, 1).mean(axis=1) / stats.chi2.ppf(0.5, 1)
+    return {names[k]: float(lam[k]) for k in range(K)}
+
+
+def _raise_no_snp(geno, n: int, qc_total: dict):
+    raise InputError(geno.source, "SNPs", f"no SNP passes QC on the {n} analysed donors "
+                     f"({qc_total})", "lower maf or check the genotypes")

@@ -1,4 +1,4 @@
-"""``pyro-livi associate``: test a run's donor factors against genotypes (LMM, glimix-core)."""
+"""``pyro-livi associate``: test a run's donor factors against genotypes (LMM)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         formatter_class=DefaultsHelpFormatter,
         description="Test every donor factor of a fitted run (D.tsv, V.tsv) against every "
         "SNP with a linear mixed model, d_k = g beta + M alpha + u + eps with "
-        "u ~ N(0, sigma_u^2 K) (K: donor kinship; M: intercept and covariates), fitted with "
-        "glimix-core; multiple testing over all factor x SNP pairs together. Writes "
+        "u ~ N(0, sigma_u^2 K) (K: donor kinship; M: intercept and covariates), fitted by "
+        "maximum likelihood as glimix-core does (all factors at once, one rotation of "
+        "each chunk of SNPs shared by all factors); multiple testing over all factor x SNP "
+        "pairs together. Writes "
         "RESULTS.tsv (with chromosome, position, alleles and MAF when the genotypes have "
         "them), <stem>_manhattan.png, <stem>_qq.png and <stem>_report.json; the folder of "
         "RESULTS.tsv is created when missing.",
@@ -71,7 +73,13 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="minor-allele-frequency threshold (a fraction, 0..0.5); rarer SNPs "
                    "are left out")
     p.add_argument("--chunk-size", type=int, default=5000, metavar="SNPS",
-                   help="SNPs read and tested per block (bounds memory)")
+                   help="SNPs read and tested per block (bounds memory: about "
+                   "8 x donors x SNPS bytes per block, plus the results)")
+    p.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
+                   help="run the passes over SNP chunks on a Dask cluster: the address of "
+                   "its scheduler (e.g. tcp://host:8786; needs pip install "
+                   "\"pyro-livi[distributed]\"); PLINK files must be readable by every "
+                   "worker at the same path. Same results as without it")
     p.add_argument("--no-plots", action="store_true", help="skip the Manhattan / QQ plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="RESULTS.tsv",
@@ -139,7 +147,8 @@ def run(args) -> int:
             inverse_normal=args.inverse_normal, maf=args.maf, loco=args.loco,
             chunk_size=args.chunk_size, pvalue_method=args.pvalue_method,
             allow_partial_donor_match=args.allow_partial_donor_match,
-            progress=not args.quiet, plots=not args.no_plots)
+            progress=not args.quiet, plots=not args.no_plots,
+            dask_scheduler=args.dask_scheduler)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -925,35 +925,56 @@ class QCBlock:
     counts: dict
 
 
-def qc_dosage_block(dosages: np.ndarray, maf: float) -> QCBlock:
-    """QC one donors x SNPs block (see :func:`quality_control` for the rules)."""
+def qc_dosage_block(dosages: np.ndarray, maf: float, copy: bool = True) -> QCBlock:
+    """QC one donors x SNPs block (see :func:`quality_control` for the rules).
+
+    ``copy=False``: the returned dosages may be the (float64, C-ordered) input itself
+    when every SNP is kept and no call is missing (no copy of a large block).
+    """
     if not 0.0 <= maf < 0.5:
         raise InputError("maf", "maf", f"{maf} is not in [0, 0.5)", "use e.g. maf=0.05")
     dos = np.asarray(dosages, dtype=np.float64)
-    miss = np.isnan(dos)
-    n_obs = (~miss).sum(axis=0)
-    all_missing = n_obs == 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(all_missing, np.nan, np.nansum(dos, axis=0) / np.maximum(n_obs, 1))
-        lo = np.where(all_missing, np.nan, np.nanmin(np.where(miss, np.inf, dos), axis=0))
-        hi = np.where(all_missing, np.nan, np.nanmax(np.where(miss, -np.inf, dos), axis=0))
+    total = dos.sum(axis=0)
+    if not np.isnan(total).any():
+        # no missing call (the common case): one pass each for the sums, min and max
+        n_obs = np.full(dos.shape[1], dos.shape[0])
+        all_missing = np.zeros(dos.shape[1], dtype=bool)
+        mean = total / max(dos.shape[0], 1)
+        lo, hi = dos.min(axis=0, initial=np.inf), dos.max(axis=0, initial=-np.inf)
+        miss = None
+        n_missing = 0
+    else:
+        miss = np.isnan(dos)
+        n_obs = (~miss).sum(axis=0)
+        all_missing = n_obs == 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(all_missing, np.nan,
+                            np.nansum(dos, axis=0) / np.maximum(n_obs, 1))
+            lo = np.where(all_missing, np.nan,
+                          np.nanmin(np.where(miss, np.inf, dos), axis=0))
+            hi = np.where(all_missing, np.nan,
+                          np.nanmax(np.where(miss, -np.inf, dos), axis=0))
+        n_missing = int(miss.sum())
     mono = ~all_missing & (hi == lo)
     freq = mean / 2.0
     minor = np.minimum(freq, 1.0 - freq)
     low = ~all_missing & ~mono & (minor < maf)
     keep = ~all_missing & ~mono & ~low
-    kept = dos[:, keep]
-    kmiss = miss[:, keep]
-    n_imputed = int(kmiss.sum())
-    if n_imputed:
-        kept = np.where(kmiss, mean[keep][None, :], kept)
+    # np.compress keeps the C order (dos[:, keep] would return a transposed layout)
+    kept = dos if keep.all() and not copy else np.compress(keep, dos, axis=1)
+    n_imputed = 0
+    if miss is not None:
+        kmiss = miss[:, keep]
+        n_imputed = int(kmiss.sum())
+        if n_imputed:
+            kept = np.where(kmiss, mean[keep][None, :], kept)
     counts = {
         "n_snps_in": int(dos.shape[1]),
         "n_all_missing": int(all_missing.sum()),
         "n_monomorphic": int(mono.sum()),
         "n_low_maf": int(low.sum()),
         "n_snps_kept": int(keep.sum()),
-        "n_missing_calls": int(miss.sum()),
+        "n_missing_calls": n_missing,
         "n_imputed_calls": n_imputed,
     }
     return QCBlock(keep, np.ascontiguousarray(kept), counts)
