@@ -64,4 +64,6 @@ def test_compare_names_bad_input(DATA, tmp_path):
         compare(DATA, ["nope"], tmp_path)
     with pytest.raises(InputError, match="--modalities"):
         compare(DATA, ["scvi"], tmp_path, modalities=["atac"])
+    with pytest.raises(InputError, match=r"cells.h5mu: field 'obs\['donors'\].*did you mean 'donor'.*--donor-key"):
+        compare(DATA, ["scvi"], tmp_path, donor_key="donors")
     assert main(["compare", "--data", DATA, "--models", "scvi", "--options", "{", "--out", str(tmp_path)]) == 2

@@ -94,12 +94,19 @@ def compare(data, models, out, *, label_key: str | None = None, modalities=None,
                          f"choose among {available}")
     recipes = {m: CONTINUOUS_RECIPES.get(m, "lognorm") for m in modalities}
     prepared = preprocess(raw, recipes if hasattr(raw, "mod") else recipes[modalities[0]])
-    base = read_dataset(prepared, DatasetSpec(modalities={m: "counts" for m in modalities[:1]},
-                                              label_keys=[label_key] if label_key else []))
+    # read once through the dataset reader: a missing label, donor or covariate column is an
+    # InputError naming its flag, and a MuData's modality-level .obs columns are found too
+    try:
+        base = read_dataset(prepared, DatasetSpec(modalities={m: "counts" for m in modalities[:1]},
+                                                  donor_key=donor_key, covariate_keys=list(covariate_keys),
+                                                  label_keys=[label_key] if label_key else []))
+    except InputError as err:  # name the user's file, not the preprocessed copy in memory
+        raise InputError(data if isinstance(data, (str, Path)) else err.source, err.field, err.problem,
+                         err.fix) from None
     labels = (base.obs[label_key].astype(str).to_numpy() if label_key
               else derived_labels(base, seed=seed))
     batch_key = donor_key or (covariate_keys[0] if covariate_keys else None)
-    batches = None if batch_key is None else prepared.obs.loc[base.obs_names, batch_key].astype(str).to_numpy()
+    batches = None if batch_key is None else base.obs[batch_key].astype(str).to_numpy()
     train, test = split_cells(base.n_cells, test_fraction, seed)
     train_names = base.obs_names[train]
     rows, latents = [], {}
