@@ -55,7 +55,6 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
@@ -133,14 +132,7 @@ class DualVAE(_PairedVAEBase):
                  peak_nonzero_fraction: float | None = None, counts_sample=None, name: str | None = None):
         super().__init__(name=name)
         self._setup_modalities(n_features, continuous, likelihoods, library_target, normal_scale, preset)
-        values = self._resolve(preset, n_latent=n_latent, hidden=hidden, activation=activation,
-                               kl_weight=kl_weight)
-        self.n_latent = int(values["n_latent"])
-        self.hidden = [int(w) for w in np.atleast_1d(values["hidden"])]
-        self.activation = str(values["activation"])
-        self.kl_weight = float(values["kl_weight"])
-        if self.kl_weight <= 0:
-            raise ValueError(f"kl_weight must be > 0, got {self.kl_weight} (the warm-up starts the KL at 0)")
+        self._set_sizes(preset, n_latent=n_latent, hidden=hidden, activation=activation, kl_weight=kl_weight)
         if alignment not in ALIGNMENTS:
             raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
         if align_weight < 0:

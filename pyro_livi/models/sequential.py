@@ -241,13 +241,21 @@ class _PairedVAEBase(ZooModel):
         return dict(n_features={m: dataset.n_features[m] for m in dataset.modalities}, continuous=continuous,
                     likelihoods=names, library_target=targets)
 
-    @classmethod
-    def _resolve(cls, preset: str, **given) -> dict:
-        """Option values: those given, else the preset's (Table 3.2), else :attr:`plain_defaults`."""
-        base = dict(cls.plain_defaults)
+    def _set_sizes(self, preset: str, **given) -> None:
+        """Set n_latent, hidden, activation and kl_weight: those given, else the preset's (Table
+        3.2), else :attr:`plain_defaults`. Raises ValueError for kl_weight <= 0 or n_latent < 1."""
+        base = dict(self.plain_defaults)
         if preset == "thesis":
-            base.update(cls.thesis_preset)
-        return {k: (base[k] if v is None else v) for k, v in given.items()}
+            base.update(self.thesis_preset)
+        values = {k: (base[k] if v is None else v) for k, v in given.items()}
+        self.n_latent = int(values["n_latent"])
+        self.hidden = [int(w) for w in np.atleast_1d(values["hidden"])]
+        self.activation = str(values["activation"])
+        self.kl_weight = float(values["kl_weight"])
+        if self.kl_weight <= 0:
+            raise ValueError(f"kl_weight must be > 0, got {self.kl_weight} (the warm-up starts the KL at 0)")
+        if self.n_latent < 1:
+            raise ValueError(f"n_latent must be >= 1, got {self.n_latent}")
 
     @classmethod
     def default_stages(cls, *, epochs: int, patience: int | None = 20, kl_warmup_epochs: int = 20,
@@ -401,16 +409,7 @@ class _SequentialVAE(_PairedVAEBase):
                  name: str | None = None):
         super().__init__(name=name)
         self._setup_modalities(n_features, continuous, likelihoods, library_target, normal_scale, preset)
-        values = self._resolve(preset, n_latent=n_latent, hidden=hidden, activation=activation,
-                               kl_weight=kl_weight)
-        self.n_latent = int(values["n_latent"])
-        self.hidden = [int(w) for w in np.atleast_1d(values["hidden"])]
-        self.activation = str(values["activation"])
-        self.kl_weight = float(values["kl_weight"])
-        if self.kl_weight <= 0:
-            raise ValueError(f"kl_weight must be > 0, got {self.kl_weight} (the warm-up starts the KL at 0)")
-        if self.n_latent < 1:
-            raise ValueError(f"n_latent must be >= 1, got {self.n_latent}")
+        self._set_sizes(preset, n_latent=n_latent, hidden=hidden, activation=activation, kl_weight=kl_weight)
         src = self.modalities[self.source]
         mid = self.modalities[1 - self.source]
         self.source_modality, self.middle_modality = src, mid
