@@ -17,6 +17,16 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def one_blas_thread():
+    """One BLAS thread for the module: the test machine's cores are shared, and linear algebra
+    on small matrices runs faster without oversubscription."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
+
+
 def assert_notebook_outputs_cleared(path):
     """The committed notebook is valid, runs the ``python3`` kernel and holds no outputs."""
     import nbformat

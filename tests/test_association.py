@@ -34,12 +34,8 @@ from pyro_livi.errors import InputError
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """The test machine's cores are shared: one BLAS thread avoids oversubscription."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        yield
+def _one_blas_thread(one_blas_thread):
+    pass
 
 
 def results_schema() -> dict:

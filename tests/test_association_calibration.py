@@ -30,12 +30,8 @@ need_onek1k = pytest.mark.skipif(not ONEK1K.exists(), reason="shared OneK1K dosa
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """The test machine's cores are shared: one BLAS thread avoids oversubscription."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        yield
+def _one_blas_thread(one_blas_thread):
+    pass
 
 
 @pytest.fixture(scope="module")

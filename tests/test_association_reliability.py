@@ -33,11 +33,8 @@ need_onek1k40 = pytest.mark.skipif(not (DOSAGE40.exists() and PCS40.exists()),
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        yield
+def _one_blas_thread(one_blas_thread):
+    pass
 
 
 def _geno(n=40, m=60, seed=0, donors=None, chroms=("1", "2")):

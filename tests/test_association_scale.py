@@ -29,12 +29,8 @@ from pyro_livi.errors import InputError
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """The test machine's cores are shared: one BLAS thread avoids oversubscription."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        yield
+def _one_blas_thread(one_blas_thread):
+    pass
 
 
 def simulate(n=60, m=120, n_cov=2, heritability=(0.0, 0.3, 0.6, 0.9), seed=0,
