@@ -41,6 +41,8 @@ class Model:
         (default modalities: ``{"rna": layer}``).
     likelihoods : {modality: registered likelihood name}.
     seed : seed of the initialisation.
+    backed : leave the counts of a ``.h5ad``/``.h5mu`` path on disk (memory flat in the number of
+        cells; training then reads chunks of cells, see :meth:`train`).
     options : the model's options (and its schedule options, used by :meth:`train`).
 
     Raises InputError on bad input, naming the keyword and the fix.
@@ -48,14 +50,15 @@ class Model:
 
     def __init__(self, data, model: str = "scvi", *, modalities: dict | None = None, layer: str | None = None,
                  donor_key: str | None = None, covariate_keys=(), label_keys=(), optional_modalities=(),
-                 continuous_modalities=(), likelihoods: dict | None = None, seed: int = 0, **options):
+                 continuous_modalities=(), likelihoods: dict | None = None, seed: int = 0, backed: bool = False,
+                 **options):
         model_options, self._schedule_options = split_options(model, options)
         self.spec = DatasetSpec(modalities=modalities or {"rna": layer}, donor_key=donor_key,
                                 covariate_keys=list(covariate_keys), label_keys=list(label_keys),
                                 optional_modalities=list(optional_modalities),
                                 continuous_modalities=list(continuous_modalities))
         self.data = data
-        self.dataset = read_dataset(data, self.spec)
+        self.dataset = read_dataset(data, self.spec, backed=backed)
         seed_everything(seed)
         if likelihoods:
             model_options["likelihoods"] = likelihoods
@@ -80,18 +83,22 @@ class Model:
     # ------------------------------------------------------------------------------ training
     def train(self, max_epochs: int = 200, *, train_size: float | None = None, batch_size: int = 1024,
               lr: float = 8e-4, patience: int | None = 20, seed: int = 0, device: str = "cpu",
-              progress: bool = True, checkpoint_dir=None, resume: bool = False, **schedule_options) -> pd.DataFrame:
+              progress: bool = True, checkpoint_dir=None, resume: bool = False, chunk_size: int | None = None,
+              buffer_batches: int | None = None, **schedule_options) -> pd.DataFrame:
         """Train on the model's default schedule (``max_epochs``: its last stage); returns and
         keeps the history (one row per epoch, with ``validation_loss`` when cells are held out).
         ``train_size``: fraction of cells trained on (seeded split; None: the model's default,
         0.9, or 1.0 for the LIVI family); the held-out positions are kept in
         ``self.validation``. ``schedule_options`` (e.g. the LIVI family's ``epochs_vae``)
-        override those given at construction."""
+        override those given at construction. ``chunk_size``, ``buffer_batches``: the shuffle of
+        the minibatches (:class:`~pyro_livi.data.MinibatchLoader`; defaults: chunks of 128 cells
+        in buffers of 32 minibatches for backed data, a permutation of the cells in memory)."""
         cls = model_class(self.name)
         options = {**self._schedule_options, **schedule_options}
         _, schedule = split_options(self.name, options)
         stages = cls.default_stages(epochs=max_epochs, patience=patience, **schedule)
-        config = TrainingConfig(batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress)
+        config = TrainingConfig(batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress,
+                                chunk_size=chunk_size, buffer_batches=buffer_batches)
         train_size = cls.default_train_size if train_size is None else train_size
         train, self.validation = training_split(self.dataset.n_cells, train_size, seed)
         held = self.dataset.subset(self.validation) if len(self.validation) else None

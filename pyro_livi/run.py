@@ -107,6 +107,9 @@ def fit(
     resume: bool = False,
     overwrite: bool = False,
     nproc: int = 1,
+    backed: bool = False,
+    chunk_size: int | None = None,
+    buffer_batches: int | None = None,
     **options,
 ) -> FitResult:
     """Fit registered model ``model`` (see ``pyro-livi models``) to ``data`` (a path or an
@@ -135,6 +138,14 @@ def fit(
     RunDirectoryError. Raises InputError on bad input, TrainingDivergedError when training fails
     numerically.
 
+    ``backed=True`` (``data`` a path) leaves the counts on disk: memory does not grow with the
+    cells beyond per-cell metadata (ids, donor and covariate codes, size factors, the latent
+    table written at the end: tens of bytes per cell). Training then reads contiguous chunks of
+    ``chunk_size`` cells (default 128), shuffles the chunks and then the cells within buffers of
+    ``buffer_batches`` minibatches (default 32), each cell once per epoch
+    (:class:`~pyro_livi.data.MinibatchLoader`); ``chunk_size=1`` keeps the cell-level shuffle of
+    data in memory. Both are settings of the run (resuming needs the same ones).
+
     ``nproc`` > 1 trains data-parallel in that many local processes (``torch.distributed``:
     gloo on CPU, nccl on CUDA; :mod:`pyro_livi.infer.distributed`): every minibatch of
     ``batch_size`` cells is split among them and their gradients averaged, so the processes
@@ -161,6 +172,9 @@ def fit(
     train_size = cls.default_train_size if train_size is None else float(train_size)
     arguments = dict(model=model, epochs=epochs, patience=patience, train_size=train_size,
                      batch_size=batch_size, lr=lr, seed=seed, **{**declared, **options})
+    # data-access settings are recorded only when set, so that runs made without them still resume
+    reading = dict(backed=bool(backed), chunk_size=chunk_size, buffer_batches=buffer_batches)
+    arguments.update({k: v for k, v in reading.items() if v not in (None, False)})
     run_info = {"arguments": json.loads(json.dumps(arguments, default=str)), "spec": spec.to_dict(),
                 "data": None if not isinstance(data, (str, Path)) else str(data)}
     context = _distributed_context(device)
@@ -169,14 +183,15 @@ def fit(
         prepare_run_dir(out, resume=resume, overwrite=overwrite, run_info=run_info)
     if context is not None:
         context.barrier()  # the run directory is ready before any rank reads a checkpoint
-    dataset = read_dataset(data, spec)
+    dataset = read_dataset(data, spec, backed=backed)
     run_info["data_fingerprint"] = data_fingerprint(dataset)
     if out is not None and resume:
         check_same_data(Path(out), run_info)
     seed_everything(seed)
     net = build_model(model, dataset, **model_options)
     stages = cls.default_stages(epochs=epochs, patience=patience, **schedule)
-    config = TrainingConfig(batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress)
+    config = TrainingConfig(batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress,
+                            chunk_size=chunk_size, buffer_batches=buffer_batches)
     train, validation = training_split(dataset.n_cells, train_size, seed)
     trainer_cls, parallel = Trainer, {}
     if context is not None:

@@ -440,49 +440,18 @@ def _draw_counts(rng: np.random.Generator, base: np.ndarray, probs: np.ndarray,
     return sp.vstack(blocks, format="csr").astype(np.int32)
 
 
-def _anndata(counts: sp.csr_matrix, obs: pd.DataFrame, var_names: list[str],
-             library: np.ndarray):
-    import anndata as ad
-
-    obs = obs.copy()
-    obs["true_library"] = library
-    a = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pd.Index(var_names)))
-    a.layers["counts"] = counts.copy()
-    return a
+def _streams(seed: int) -> dict[str, np.random.Generator]:
+    """One independent generator per component (:data:`_STREAMS`), split off ``seed``."""
+    return dict(zip(_STREAMS, (np.random.default_rng(s) for s in
+                               np.random.SeedSequence(int(seed)).spawn(len(_STREAMS)))))
 
 
-# --------------------------------------------------------------------------------------------
-# simulate
-# --------------------------------------------------------------------------------------------
+def _genetics(cfg: SimulationConfig, streams: dict, genotypes, donors, snps):
+    """Genotypes (simulated, or the given ones checked) and donor factors with planted effects.
 
-
-def simulate(config: SimulationConfig | None = None, *, seed: int = 0,
-             genotypes: np.ndarray | None = None, donors: list[str] | None = None,
-             snps: pd.DataFrame | None = None) -> SimulatedData:
-    """Draw a dataset from LIVI's generative process with planted genetic effects.
-
-    config: the parameters (default :class:`SimulationConfig()`, the demo size).
-    seed: the only source of randomness.
-    genotypes: optional real (N_y, n_snps) allele dosages in [0, 2] (NaN = missing), used as
-        they are; then N_y and n_snps come from it, not from config. Missing values are
-        mean-imputed only when building the genetic score of a causal SNP.
-    donors: ids of the genotype rows (default ``donor_000``...).
-    snps: optional SNP table for real genotypes (column ``snp``; ``chrom``, ``pos``, ``a1``,
-        ``a2`` used when present, else the deterministic layout of simulated SNPs).
-
-    truth keys (N cells, G genes, P proteins):
-        A (K_C, K_DxC) one-hot: factor j acts in cell-state dimension j mod n_cell_types;
-        D (N_y, K_DxC), V (N_y, K_V): donor factors, standardised columns;
-        W_C (K_C, G), W_DxC (K_DxC, G), W_V (K_V, G): loadings; b (G,) baseline log expression;
-        theta (G,) inverse dispersions; c (N, K_C) cell states; centroids (T, K_C);
-        library (N,) library sizes; effects: DataFrame factor, kind (D|V), snp, chrom, pos,
-        beta (per allele dosage of a1), beta_std (per genotype sd), maf, h2;
-        with proteins also W_C_prot, W_DxC_prot, W_V_prot, b_prot, theta_prot, library_prot.
+    Returns ``(genotypes, donors, snp_table, D, V, effects)`` as described in :func:`simulate`;
+    draws from the ``genotypes`` and ``genetics`` streams only.
     """
-    cfg = config if config is not None else SimulationConfig()
-    streams = dict(zip(_STREAMS, (np.random.default_rng(s) for s in
-                                   np.random.SeedSequence(int(seed)).spawn(len(_STREAMS)))))
-
     # --- genotypes -------------------------------------------------------------------------
     if genotypes is not None:
         geno, donors, snp_table = _check_genotypes(genotypes, donors, snps)
@@ -506,7 +475,6 @@ def simulate(config: SimulationConfig | None = None, *, seed: int = 0,
         donors = _names("donor_", cfg.n_donors, 3)
         snp_table = _default_snp_table(cfg.n_snps)
         snp_table["maf"] = maf
-    n_donors = geno.shape[0]
 
     # --- planted genetics ------------------------------------------------------------------
     rng = streams["genetics"]
@@ -538,14 +506,75 @@ def simulate(config: SimulationConfig | None = None, *, seed: int = 0,
     effects["maf"] = snp_table["maf"].to_numpy()[idx]
     effects = effects[["factor", "kind", "snp", "chrom", "pos", "beta", "beta_std", "maf", "h2",
                        "snp_index"]]
+    return geno, donors, snp_table, D, V, effects
+
+
+def _rna_loadings(cfg: SimulationConfig, rng: np.random.Generator):
+    """``(b, W_C, W_DxC, W_V, theta)`` of the RNA decoder, drawn from ``rng`` (the loadings stream)."""
+    G = cfg.n_genes
+    b = rng.normal(0.0, cfg.baseline_sd, size=G)
+    W_C = _sparse_loadings(rng, cfg.k_c, G, cfg.frac_genes_c, cfg.loading_scale_c)
+    W_DxC = _sparse_loadings(rng, cfg.k_dxc, G, cfg.frac_genes_dxc, cfg.loading_scale_dxc)
+    W_V = _sparse_loadings(rng, cfg.k_v, G, cfg.frac_genes_v, cfg.loading_scale_v)
+    theta = np.exp(np.log(cfg.theta_median) + cfg.theta_sigma * rng.normal(size=G))
+    return b, W_C, W_DxC, W_V, theta
+
+
+def _anndata(counts: sp.csr_matrix, obs: pd.DataFrame, var_names: list[str],
+             library: np.ndarray):
+    import anndata as ad
+
+    obs = obs.copy()
+    obs["true_library"] = library
+    a = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pd.Index(var_names)))
+    a.layers["counts"] = counts.copy()
+    return a
+
+
+# --------------------------------------------------------------------------------------------
+# simulate
+# --------------------------------------------------------------------------------------------
+def _cells_per_donor(cfg: SimulationConfig, rng: np.random.Generator, n_donors: int) -> np.ndarray:
+    """Cells of each donor (n_donors,): Poisson(cells_per_donor), at least 1, with
+    ``vary_cells_per_donor``; else cells_per_donor rounded, at least 1."""
+    if cfg.vary_cells_per_donor:
+        return np.maximum(1, rng.poisson(cfg.cells_per_donor, size=n_donors))
+    return np.full(n_donors, max(1, int(round(cfg.cells_per_donor))))
+
+
+def simulate(config: SimulationConfig | None = None, *, seed: int = 0,
+             genotypes: np.ndarray | None = None, donors: list[str] | None = None,
+             snps: pd.DataFrame | None = None) -> SimulatedData:
+    """Draw a dataset from LIVI's generative process with planted genetic effects.
+
+    config: the parameters (default :class:`SimulationConfig()`, the demo size).
+    seed: the only source of randomness.
+    genotypes: optional real (N_y, n_snps) allele dosages in [0, 2] (NaN = missing), used as
+        they are; then N_y and n_snps come from it, not from config. Missing values are
+        mean-imputed only when building the genetic score of a causal SNP.
+    donors: ids of the genotype rows (default ``donor_000``...).
+    snps: optional SNP table for real genotypes (column ``snp``; ``chrom``, ``pos``, ``a1``,
+        ``a2`` used when present, else the deterministic layout of simulated SNPs).
+
+    truth keys (N cells, G genes, P proteins):
+        A (K_C, K_DxC) one-hot: factor j acts in cell-state dimension j mod n_cell_types;
+        D (N_y, K_DxC), V (N_y, K_V): donor factors, standardised columns;
+        W_C (K_C, G), W_DxC (K_DxC, G), W_V (K_V, G): loadings; b (G,) baseline log expression;
+        theta (G,) inverse dispersions; c (N, K_C) cell states; centroids (T, K_C);
+        library (N,) library sizes; effects: DataFrame factor, kind (D|V), snp, chrom, pos,
+        beta (per allele dosage of a1), beta_std (per genotype sd), maf, h2;
+        with proteins also W_C_prot, W_DxC_prot, W_V_prot, b_prot, theta_prot, library_prot.
+    """
+    cfg = config if config is not None else SimulationConfig()
+    streams = _streams(seed)
+
+    geno, donors, snp_table, D, V, effects = _genetics(cfg, streams, genotypes, donors, snps)
+    n_donors = geno.shape[0]
 
     # --- cells -----------------------------------------------------------------------------
     rng = streams["cells"]
     n_types = cfg.n_cell_types
-    if cfg.vary_cells_per_donor:
-        n_cells_y = np.maximum(1, rng.poisson(cfg.cells_per_donor, size=n_donors))
-    else:
-        n_cells_y = np.full(n_donors, max(1, int(round(cfg.cells_per_donor))))
+    n_cells_y = _cells_per_donor(cfg, rng, n_donors)
     donor_of_cell = np.repeat(np.arange(n_donors), n_cells_y)
     n_cells = donor_of_cell.size
     props = (np.full(n_types, 1.0 / n_types) if cfg.cell_type_proportions is None
@@ -567,13 +596,8 @@ def simulate(config: SimulationConfig | None = None, *, seed: int = 0,
     v_cell = V[donor_of_cell]
 
     # --- RNA loadings and counts -----------------------------------------------------------
-    rng = streams["loadings"]
     G = cfg.n_genes
-    b = rng.normal(0.0, cfg.baseline_sd, size=G)
-    W_C = _sparse_loadings(rng, cfg.k_c, G, cfg.frac_genes_c, cfg.loading_scale_c)
-    W_DxC = _sparse_loadings(rng, cfg.k_dxc, G, cfg.frac_genes_dxc, cfg.loading_scale_dxc)
-    W_V = _sparse_loadings(rng, cfg.k_v, G, cfg.frac_genes_v, cfg.loading_scale_v)
-    theta = np.exp(np.log(cfg.theta_median) + cfg.theta_sigma * rng.normal(size=G))
+    b, W_C, W_DxC, W_V, theta = _rna_loadings(cfg, streams["loadings"])
     counts = _draw_counts(streams["counts"], b, probs, z, v_cell, W_C, W_DxC, W_V, library,
                           theta)
 
@@ -728,6 +752,132 @@ def write_simulation(sim: SimulatedData, out_dir) -> dict[str, Path]:
     paths["readme"] = truth_dir / "README.md"
     paths["readme"].write_text(_readme(sim, tables))
     return paths
+
+
+#: HDF5 chunk (values) of the count arrays written by :func:`write_h5ad_streaming`: 1 MiB of int32.
+_H5_CHUNK_VALUES = 1 << 18
+
+
+def write_h5ad_streaming(path, config: SimulationConfig | None = None, *, seed: int = 0) -> dict[str, Any]:
+    """Write the RNA counts of ``simulate(config, seed=seed)`` to an ``.h5ad`` without holding them.
+
+    The cells are drawn and written :data:`_CHUNK_CELLS` (4,096) at a time with anndata's own
+    writers (``anndata.io.write_elem`` for the first block, ``sparse_dataset(...).append`` and
+    resized ``.obs`` columns for the next), so memory does not grow with the number of cells
+    (a few dense blocks of 4,096 cells x G genes while drawing). The file is what ``backed="r"``
+    reading wants: ``.X`` int32 CSR (int64 ``indptr``), uncompressed, in HDF5 chunks of
+    :data:`_H5_CHUNK_VALUES` values; ``.obs`` columns ``donor`` and ``cell_type`` (categorical),
+    ``true_library`` (L_i, float64), cell ids ``cell_00000``...; ``.var`` gene ids; ``.uns["simulation"]``
+    the seed and the config (JSON), as :func:`simulate` writes.
+
+    Same seed, same data: the counts, cell ids and ``.obs`` equal those of :func:`simulate` with
+    the same config and seed (its ``.X``; the in-memory object also has layer ``counts``, a copy),
+    because every random stream is consumed in the same order and the counts are drawn in the
+    same fixed blocks of cells. (The cells stream draws all cell types, then all cell-state noise,
+    then all library sizes; three copies of that generator, advanced to where each part starts,
+    give every block its values.) The block size is therefore fixed, not an option. Only the
+    expression is written: no genotypes or truth tables, and no protein modality (``n_proteins``
+    must be 0).
+
+    Parameters
+    ----------
+    path : str | Path
+        The ``.h5ad`` file to write (replaced when it exists).
+    config : SimulationConfig
+        Default :class:`SimulationConfig()`. With ``vary_cells_per_donor=False`` there are exactly
+        ``n_donors * round(cells_per_donor)`` cells.
+    seed : int
+
+    Returns a dict: path, n_cells, n_genes, n_donors, nnz (stored non-zero counts), seed.
+    Raises InputError for an invalid config or proteins.
+    """
+    import copy
+
+    import h5py
+    from anndata.io import sparse_dataset, write_elem
+
+    cfg = config if config is not None else SimulationConfig()
+    if cfg.n_proteins:
+        raise InputError("write_h5ad_streaming()", "n_proteins", f"is {cfg.n_proteins}; only RNA is "
+                         "written in blocks", "use n_proteins=0 (--n-proteins 0), or simulate() for proteins")
+    streams = _streams(seed)
+    _, donors, _, D, V, _ = _genetics(cfg, streams, None, None, None)
+    n_donors = len(donors)
+
+    rng = streams["cells"]
+    n_types = cfg.n_cell_types
+    n_cells_y = _cells_per_donor(cfg, rng, n_donors)
+    first_cell = np.concatenate([[0], np.cumsum(n_cells_y)])
+    n_cells = int(first_cell[-1])
+    props = (np.full(n_types, 1.0 / n_types) if cfg.cell_type_proportions is None
+             else np.asarray(cfg.cell_type_proportions, float))
+    props = props / props.sum()
+    blocks = [(s0, min(_CHUNK_CELLS, n_cells - s0)) for s0 in range(0, n_cells, _CHUNK_CELLS)]
+    rng_type = copy.deepcopy(rng)
+    for _, m in blocks:  # advance past every cell's type, block by block, as drawn below
+        rng.choice(n_types, size=m, p=props)
+    centroids = rng.normal(0.0, cfg.centroid_jitter, size=(n_types, cfg.k_c)) \
+        if cfg.centroid_jitter > 0 else np.zeros((n_types, cfg.k_c))
+    centroids[np.arange(n_types), np.arange(n_types)] += cfg.state_strength
+    noise_sd = np.where(np.arange(cfg.k_c) < n_types, cfg.sigma_c, cfg.sigma_c_continuous)
+    rng_state = copy.deepcopy(rng)
+    for _, m in blocks:  # advance past every cell's state noise
+        rng.normal(size=(m, cfg.k_c))
+    rng_library = rng
+
+    A = np.zeros((cfg.k_c, cfg.k_dxc))
+    A[np.arange(cfg.k_dxc) % n_types, np.arange(cfg.k_dxc)] = 1.0
+    b, W_C, W_DxC, W_V, theta = _rna_loadings(cfg, streams["loadings"])
+    rng_counts = streams["counts"]
+    G = cfg.n_genes
+    type_names = [f"type_{t}" for t in range(n_types)]
+    width = max(5, len(str(max(n_cells - 1, 0))))
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nnz = 0
+    with h5py.File(path, "w") as f:
+        f.attrs["encoding-type"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+        write_elem(f, "var", pd.DataFrame(index=pd.Index(_names("gene_", G, 4))))
+        for key in ("layers", "obsm", "varm", "obsp", "varp"):
+            write_elem(f, key, {})
+        write_elem(f, "uns", {"simulation": {"seed": int(seed), "config": json.dumps(cfg.to_dict())}})
+        X = None
+        for start, m in blocks:
+            types = rng_type.choice(n_types, size=m, p=props)
+            c = centroids[types] + rng_state.normal(size=(m, cfg.k_c)) * noise_sd
+            library = np.exp(np.log(cfg.median_library) + cfg.library_sigma * rng_library.normal(size=m))
+            donor = np.searchsorted(first_cell, np.arange(start, start + m), side="right") - 1
+            probs = _softmax(c)
+            z = (probs @ A) * D[donor]
+            logits = b + probs @ W_C + z @ W_DxC + V[donor] @ W_V
+            mu = _softmax(logits) * library[:, None]
+            counts = sp.csr_matrix(_gamma_poisson(rng_counts, mu, theta).astype(np.int32))
+            counts.indptr = counts.indptr.astype(np.int64)
+            nnz += int(counts.nnz)
+            obs = pd.DataFrame(
+                {"donor": pd.Categorical.from_codes(donor, categories=list(donors)),
+                 "cell_type": pd.Categorical.from_codes(types, categories=type_names),
+                 "true_library": library},
+                index=pd.Index([f"cell_{i:0{width}d}" for i in range(start, start + m)]))
+            if X is None:
+                write_elem(f, "X", counts, dataset_kwargs={"chunks": (_H5_CHUNK_VALUES,)})
+                write_elem(f, "obs", obs, dataset_kwargs={"maxshape": (None,), "chunks": (_CHUNK_CELLS,)})
+                X = sparse_dataset(f["X"])
+                continue
+            X.append(counts)
+            columns = {"_index": obs.index.to_numpy(dtype=object), "donor/codes": donor,
+                       "cell_type/codes": types, "true_library": library}
+            for name, values in columns.items():
+                ds = f["obs"][name]
+                ds.resize((start + m,))
+                ds[start:start + m] = np.asarray(values).astype(ds.dtype) if ds.dtype != object else values
+        if X is None:  # no cells: an empty, readable file
+            write_elem(f, "X", sp.csr_matrix((0, G), dtype=np.int32))
+            write_elem(f, "obs", pd.DataFrame({"donor": pd.Categorical([], categories=list(donors))}))
+    return {"path": path, "n_cells": n_cells, "n_genes": G, "n_donors": n_donors, "nnz": nnz,
+            "seed": int(seed)}
 
 
 def _readme(sim: SimulatedData, tables: dict[str, pd.DataFrame]) -> str:

@@ -17,17 +17,23 @@ def cell_state(model, dataset, *, batch_size: int = 4096, n_samples: int = 0, se
     samples of shape (n_samples, n_cells, K_C).
     """
     generator = torch.Generator().manual_seed(seed)
-    out = []
+    # one output array filled batch by batch: keeping one small array per batch between the
+    # batches' large temporaries fragments the heap, and the process then grows with the cells
+    out, start = None, 0
     model.eval()
     for batch in MinibatchLoader(dataset, batch_size=batch_size, shuffle=False):
         loc, scale = model.encode(batch)
         if n_samples:
             eps = torch.randn((n_samples, *loc.shape), generator=generator)
-            out.append((loc + scale * eps).numpy())
+            values = (loc + scale * eps).numpy()
         else:
-            out.append(loc.numpy())
+            values = loc.numpy()
+        if out is None:
+            out = np.empty((*values.shape[:-2], dataset.n_cells, values.shape[-1]), dtype=values.dtype)
+        out[..., start:start + values.shape[-2], :] = values
+        start += values.shape[-2]
     model.train()
-    return np.concatenate(out, axis=-2)
+    return out
 
 
 def cell_state_table(model, dataset, **kwargs) -> pd.DataFrame:

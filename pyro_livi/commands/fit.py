@@ -74,6 +74,15 @@ def register(subparsers, argv=None) -> None:
                    "loss is recorded and watched by early stopping (default: the model's, 0.9; 1.0 for "
                    "livi, multislivi, dmlivi)")
     p.add_argument("--batch-size", type=int, default=1024, help="cells per minibatch")
+    p.add_argument("--backed", action="store_true",
+                   help="leave the counts on disk (anndata backed mode, .h5ad with CSR counts): memory stays "
+                   "flat in the number of cells; minibatches are read in contiguous chunks (--chunk-size)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="cells per contiguous chunk of the training shuffle: chunks are shuffled, then the "
+                   "cells within buffers of --buffer-batches minibatches (default: 128 with --backed, 1 = a "
+                   "permutation of the cells in memory)")
+    p.add_argument("--buffer-batches", type=int, default=None,
+                   help="minibatches' worth of cells shuffled together with --chunk-size > 1 (default: 32)")
     p.add_argument("--lr", type=float, default=8e-4, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, minibatches and sampling")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train: cpu, or cuda (an NVIDIA GPU)")
@@ -147,6 +156,7 @@ def run(args) -> int:
         covariate_keys=args.covariate_keys, label_keys=args.label_keys, epochs=args.epochs,
         patience=args.patience or None, train_size=args.train_size, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, out=args.out, resume=args.resume, overwrite=args.overwrite, nproc=args.nproc,
+        backed=args.backed, chunk_size=args.chunk_size, buffer_batches=args.buffer_batches,
         **options,
     )
     from ..infer.distributed import is_main_process, shutdown

@@ -176,13 +176,14 @@ class ShardedLoader:
     """
 
     def __init__(self, dataset, batch_size: int, rank: int, world_size: int, shuffle: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, chunk_size: int | None = None, buffer_batches: int | None = None):
         if int(world_size) < 1 or not 0 <= int(rank) < int(world_size):
             raise InputError("<distributed>", "rank", f"rank {rank} of world size {world_size}",
                              "give 0 <= rank < world_size")
         self.dataset = dataset
         self.rank, self.world_size = int(rank), int(world_size)
-        self._steps = MinibatchLoader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed)
+        self._steps = MinibatchLoader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                                      chunk_size=chunk_size, buffer_batches=buffer_batches)
         self.batch_size = self._steps.batch_size
 
     @property
@@ -207,8 +208,9 @@ class ShardedLoader:
         return [shard_of_step(order[k * B:(k + 1) * B], self.rank, self.world_size) for k in range(len(self))]
 
     def __iter__(self):
-        for positions, factor in self.shards(self.epoch):
-            batch = self.dataset.batch(positions)
+        for step, block in self._steps.steps(self.epoch):
+            positions, factor = shard_of_step(step, self.rank, self.world_size)
+            batch = self.dataset.batch(positions) if block is None else self.dataset.batch(positions, block=block)
             batch.extra[SHARD_SCALE] = factor
             yield batch
         self._steps.epoch += 1
@@ -374,7 +376,8 @@ class DistributedTrainer(Trainer):
 
     def _make_loader(self) -> ShardedLoader:
         return ShardedLoader(self.dataset, self.config.batch_size, self.context.rank, self.context.world_size,
-                             shuffle=True, seed=self.config.seed)
+                             shuffle=True, seed=self.config.seed, chunk_size=self.config.chunk_size,
+                             buffer_batches=self.config.buffer_batches)
 
     def stage_model(self, *args, **kwargs):
         return _scaled(super().stage_model, args, kwargs)

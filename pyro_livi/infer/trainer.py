@@ -46,6 +46,9 @@ class TrainingConfig:
 
     lr: Adam learning rate of every parameter group without its own rate in the stage
         (:attr:`Stage.group_lr`).
+    chunk_size, buffer_batches: the shuffle of the training minibatches
+        (:class:`~pyro_livi.data.MinibatchLoader`); None: its defaults (chunks of 128 cells in
+        buffers of 32 minibatches for backed data, a permutation of the cells in memory).
     """
 
     batch_size: int = 1024
@@ -53,6 +56,8 @@ class TrainingConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    chunk_size: int | None = None
+    buffer_batches: int | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -245,7 +250,8 @@ class Trainer:
         """The training minibatches: every cell once per epoch, seeded shuffling (hook: data-parallel
         training, :mod:`pyro_livi.infer.distributed`, gives each process its shard of every batch)."""
         return MinibatchLoader(self.dataset, batch_size=self.config.batch_size, shuffle=True,
-                               seed=self.config.seed)
+                               seed=self.config.seed, chunk_size=self.config.chunk_size,
+                               buffer_batches=self.config.buffer_batches)
 
     def _validation_batches(self, cells):
         """(minibatch, number of held-out cells its terms stand for) over the held-out cells
@@ -459,7 +465,9 @@ class Trainer:
         else:
             differ += [f"model config {k}: {a!r} in the checkpoint, {b!r} now"
                        for k, a, b in _differences(state["model_config"], self.model.config)]
-        stored_config = {k: v for k, v in state.get("training_config", {}).items() if k not in RESUMABLE_CHANGES}
+        # settings added later than a checkpoint was written take their defaults
+        stored_config = {k: v for k, v in {**asdict(TrainingConfig()), **state.get("training_config", {})}.items()
+                         if k not in RESUMABLE_CHANGES}
         config = {k: v for k, v in asdict(self.config).items() if k not in RESUMABLE_CHANGES}
         differ += [f"training setting {k}: {a!r} in the checkpoint, {b!r} now"
                    for k, a, b in _differences(stored_config, config)]
