@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import abc
 import warnings
+import weakref
+from typing import NamedTuple
 
 import numpy as np
 import pyro.distributions as dist
@@ -109,6 +111,158 @@ def _nb_log_prob(value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> 
         - theta * _softplus(delta)
         - value * _softplus(-delta)
     )
+
+
+class NonZeros(NamedTuple):
+    """The non-zero entries of a (B, G) tensor in row-major order: flat ``index``, ``row``,
+    ``col`` (int64) and ``values``, each (nnz,)."""
+
+    index: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    values: torch.Tensor
+
+
+_NONZEROS_MEMO: dict = {}
+
+
+def _forget_nonzeros(ref) -> None:
+    memo = _NONZEROS_MEMO.get("last")
+    if memo is not None and memo[0] is ref:
+        del _NONZEROS_MEMO["last"]
+
+
+def nonzeros(x: torch.Tensor) -> NonZeros:
+    """The non-zero entries of a 2-D tensor ``x`` (see :class:`NonZeros`).
+
+    The result for the last tensor asked is kept while that tensor is alive and unmodified
+    (same object, same version counter), so that an encoder and a likelihood reading the
+    same minibatch of counts find its non-zero entries once.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"nonzeros expects a 2-D tensor, got shape {tuple(x.shape)}")
+    memo = _NONZEROS_MEMO.get("last")
+    if memo is not None and memo[0]() is x and memo[1] == x._version:
+        return memo[2]
+    flat = x.detach().reshape(-1)
+    index = (flat != 0).nonzero().squeeze(1)
+    row = torch.div(index, x.shape[1], rounding_mode="floor")
+    result = NonZeros(index, row, index - row * x.shape[1], flat.index_select(0, index))
+    _NONZEROS_MEMO["last"] = (weakref.ref(x, _forget_nonzeros), x._version, result)
+    return result
+
+
+#: Counts 1..SMALL_COUNT read the count-dependent NB terms of each feature from a per-feature
+#: table (lgamma and digamma evaluated G x SMALL_COUNT times instead of once per non-zero count)
+SMALL_COUNT = 16
+
+
+def _small_counts(x_nz: torch.Tensor, col: torch.Tensor, n_features: int):
+    """(key into a (features x SMALL_COUNT) table for every non-zero count, indices of the
+    counts that are not whole numbers in 1..SMALL_COUNT)."""
+    k = x_nz.long()
+    small = (k >= 1) & (k <= SMALL_COUNT) & (k.to(x_nz.dtype) == x_nz)
+    key = col * SMALL_COUNT + (k.clamp(1, SMALL_COUNT) - 1)
+    return key, (~small).nonzero().squeeze(1)
+
+
+def _count_table(fn, theta: torch.Tensor) -> torch.Tensor:
+    """fn(theta_g + v) - fn(theta_g) for v = 1..SMALL_COUNT, flattened (G * SMALL_COUNT,)."""
+    v = torch.arange(1, SMALL_COUNT + 1, dtype=theta.dtype, device=theta.device)
+    return (fn(theta[:, None] + v) - fn(theta)[:, None]).reshape(-1)
+
+
+class _NBFeatureSum(torch.autograd.Function):
+    """Per-cell sum over features of log NB(x; mu, theta) with a per-feature theta, forward and
+    backward written out (the terms of :func:`_nb_log_prob`).
+
+    Inputs: ``value`` and ``mu`` (B, G), ``theta`` (G,); output (B,). With r = mu / theta and
+    s = theta / (theta + mu) = 1 / (1 + r)::
+
+        log p_bg = -theta log1p(r)                                           (every entry)
+                   + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
+                   - x log1p(1 / r)                                          (x != 0 only)
+        d/d mu    = -s + [x != 0] x s / mu
+        d/d theta = r s - log1p(r)
+                    + [x != 0] (digamma(x + theta) - digamma(theta) - x s / theta)
+
+    (log1p(r) = softplus(log(mu / theta)) and log1p(1 / r) = softplus(-log(mu / theta)), as in
+    :func:`_nb_log_prob`.) The bracketed terms vanish at x = 0, so they are evaluated at the
+    non-zero counts only (single-cell counts are mostly zeros); for counts 1..:data:`SMALL_COUNT`
+    the lgamma and digamma differences depend only on the feature and the count and are read
+    from per-feature tables. The dense part is a few passes over (B, G) and matrix-vector
+    products; the theta gradient is computed only when theta requires it.
+    """
+
+    @staticmethod
+    def forward(ctx, value, mu, theta):
+        n_features = mu.shape[-1]
+        r = mu * theta.reciprocal()
+        sp = torch.log1p(r)
+        out = -(sp @ theta)
+        nz = nonzeros(value)
+        x_nz = nz.values
+        theta_nz = theta.index_select(0, nz.col)
+        r_nz = r.reshape(-1).index_select(0, nz.index)
+        key, other = _small_counts(x_nz, nz.col, n_features)
+        v = torch.arange(1, SMALL_COUNT + 1, dtype=theta.dtype, device=theta.device)
+        table = _count_table(torch.lgamma, theta) - torch.lgamma(v + 1).repeat(n_features)
+        log_ratio = table.index_select(0, key)  # lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
+        if other.numel():
+            x_o, theta_o = x_nz.index_select(0, other), theta_nz.index_select(0, other)
+            log_ratio.index_copy_(0, other, torch.lgamma(x_o + theta_o) - torch.lgamma(theta_o)
+                                  - torch.lgamma(x_o + 1))
+        out = out.index_add(0, nz.row, log_ratio - x_nz * torch.log1p(r_nz.reciprocal()))
+        ctx.save_for_backward(theta, nz.index, nz.row, nz.col, x_nz, theta_nz, r_nz, r, key, other,
+                              sp if ctx.needs_input_grad[2] else None)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        theta, index, row, col, x_nz, theta_nz, r_nz, r, key, other, sp = ctx.saved_tensors
+        grad_nz = grad.index_select(0, row)
+        s = (r + 1).reciprocal_()
+        s_nz = (r_nz + 1).reciprocal_()
+        grad_mu = grad_theta = None
+        if ctx.needs_input_grad[2]:
+            grad_theta = grad @ (r * s) - grad @ sp
+            dpsi = _count_table(torch.digamma, theta).index_select(0, key)  # digamma(x + theta) - digamma(theta)
+            if other.numel():
+                x_o, theta_o = x_nz.index_select(0, other), theta_nz.index_select(0, other)
+                dpsi.index_copy_(0, other, torch.digamma(x_o + theta_o) - torch.digamma(theta_o))
+            grad_theta.index_add_(0, col, grad_nz * (dpsi - x_nz * s_nz / theta_nz))
+        if ctx.needs_input_grad[1]:
+            grad_mu = s.mul_(grad.neg()[:, None])
+            grad_mu.view(-1).index_add_(0, index, grad_nz * x_nz * s_nz / (r_nz * theta_nz))
+        return None, grad_mu, grad_theta
+
+
+def _nb_feature_sum(value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor | None:
+    """sum over the last dimension of :func:`_nb_log_prob` through :class:`_NBFeatureSum`, or
+    None when it does not apply (value and mu not both (B, G), theta not per feature, a
+    gradient wanted for the value)."""
+    theta_once = _unexpanded(theta)
+    if (mu.dim() != 2 or value.shape != mu.shape or value.requires_grad
+            or theta_once.shape != (1, mu.shape[1])):
+        return None
+    return _NBFeatureSum.apply(value, mu, theta_once.reshape(-1))
+
+
+class _NBIndependent(dist.Independent):
+    """``NegativeBinomial(...).to_event(1)``: log_prob sums over the features through
+    :func:`_nb_feature_sum` when it applies (the same value as summing the elementwise
+    log_prob, in fewer passes over the data), else as :class:`pyro.distributions.Independent`."""
+
+    def log_prob(self, value):
+        base = self.base_dist
+        if self.reinterpreted_batch_ndims == 1 and isinstance(base, NegativeBinomial):
+            if base._validate_args:
+                base._validate_sample(value)
+            out = _nb_feature_sum(value, base.mu, base.theta)
+            if out is not None:
+                return out
+        return super().log_prob(value)
 
 
 def _nb_sample(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -192,6 +346,13 @@ class NegativeBinomial(_ElementwiseDistribution):
         if self._validate_args:
             self._validate_sample(value)
         return _nb_log_prob(value, self.mu, self.theta)
+
+    def to_event(self, reinterpreted_batch_ndims=None):
+        """As Pyro's; one reinterpreted dimension gives a distribution whose log_prob sums the
+        features in one fused pass (:class:`_NBIndependent`)."""
+        if reinterpreted_batch_ndims == 1 and len(self.batch_shape) >= 1:
+            return _NBIndependent(self, 1)
+        return super().to_event(reinterpreted_batch_ndims)
 
     def sample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)

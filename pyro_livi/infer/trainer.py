@@ -19,6 +19,7 @@ import pandas as pd
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.util import is_validation_enabled
 from ..progress import tqdm
 
 from ..data.loader import MinibatchLoader
@@ -32,6 +33,15 @@ CHECKPOINT_NAME = "checkpoint.pt"
 #: absolute value) counts as diverged: healthy training lowers the loss, and a loss that has grown
 #: a million-fold belongs to a model whose outputs are meaningless even while it is still finite.
 LOSS_EXPLOSION_FACTOR = 1e6
+
+#: Run Pyro's distribution checks (arguments in their support, observed values in the support)
+#: on every training batch instead of the first batch of each epoch. They cost a few passes over
+#: every (cells x features) tensor per step; the data are checked when read, and a parameter
+#: that becomes non-finite or leaves its support between two checked batches makes the loss or a
+#: gradient non-finite, which the loss and gradient checks of every step catch and then trace to
+#: its site (the same error, :class:`TrainingDivergedError`). Pyro's global switch
+#: (``pyro.enable_validation(False)``) turns the checks off everywhere.
+VALIDATE_EVERY_BATCH = False
 
 #: Settings of :class:`TrainingConfig` that may change when resuming (they do not change the result).
 RESUMABLE_CHANGES = ("device", "progress")
@@ -272,6 +282,7 @@ class Trainer:
         loader.set_epoch(self._position["epoch"])
         sums: dict[str, float] = {}
         n_batches = 0
+        validating = is_validation_enabled()
         start = time.perf_counter()
         for batch in loader:
             batch = batch.to(device)
@@ -280,7 +291,10 @@ class Trainer:
                 epoch = self._position["epoch_in_stage"]
                 kl_weight = stage.kl_warmup.weight(epoch * len(loader) + n_batches, epoch)
             try:
-                terms = elbo_terms(self.stage_model, self.stage_guide, batch)
+                # Pyro's distribution checks run on the first batch of every epoch (see
+                # VALIDATE_EVERY_BATCH); the loss and gradient checks below run on every batch
+                with pyro.validation_enabled(validating and (VALIDATE_EVERY_BATCH or n_batches == 0)):
+                    terms = elbo_terms(self.stage_model, self.stage_guide, batch)
                 if kl_weight != 1.0:
                     terms = {k: v * kl_weight if k.startswith("kl_") else v for k, v in terms.items()}
             except (ValueError, torch.linalg.LinAlgError) as err:

@@ -4,6 +4,8 @@ per-group learning rates (DESIGN section 3)."""
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -86,6 +88,79 @@ def livi_default_stages(cls, *, epochs: int, patience: int | None = 20, epochs_v
     """The family's ``default_stages``: :func:`livi_stages` with ``epochs`` for the donor stage."""
     return livi_stages(epochs_vae, epochs, warmup_epochs_G=warmup_epochs_G, patience=patience,
                        persistent_in_vae_stage=persistent_in_vae_stage, donor_lr=donor_lr)
+
+
+#: Largest memory (bytes) a :class:`FrozenEncoderCache` may hold for one set of cells; beyond it
+#: the encoder runs on every batch (about a million cells at K_C = 15)
+POSTERIOR_CACHE_MAX_BYTES = 128 * 2 ** 20
+
+
+class FrozenEncoderCache:
+    """Each cell's encoder output while the encoder is frozen, computed once and read back.
+
+    In the LIVI family's donor stages the encoder does not train: each cell's posterior
+    (loc, scale) of the cell state is a constant of the stage, so the first epoch computes it
+    and later epochs read it (the same values, without the encoder's forward pass).
+
+    ``cache(encoder, x, index, n_cells)`` returns ``encoder(x)`` (a tuple of (B, K) tensors) for
+    the cells ``index`` (B,) of a set of ``n_cells`` cells with inputs ``x`` (B, G). Entries are
+    used only while (a) no encoder parameter requires a gradient (otherwise the encoder runs and
+    the cache is emptied), (b) the parameters are the same tensors with the same values (their
+    identities, version counters and norms are compared on every call; any change empties the
+    cache), in the same train/eval mode, and (c) the cell's stored input fingerprint (its total
+    and a fixed weighted sum of its row of ``x``) equals the batch's, so that another data set
+    of the same size never reads the entries of the first. Misses are computed and stored.
+    Memory: (2 K + 2) numbers per cell, and nothing when the storage would exceed
+    :data:`POSTERIOR_CACHE_MAX_BYTES` (the encoder then runs on every batch).
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self._token = None
+        self._norms = None
+        self._store = None
+
+    def __call__(self, encoder, x: torch.Tensor, index: torch.Tensor, n_cells: int):
+        params = list(encoder.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            self.clear()
+            return encoder(x)
+        with torch.no_grad():
+            return self._lookup(encoder, params, x, index, n_cells)
+
+    def _lookup(self, encoder, params, x, index, n_cells):
+        token = (n_cells, x.device, x.dtype, x.shape[1:], encoder.training,
+                 tuple((id(p), p._version) for p in params))
+        norms = torch.stack(torch._foreach_norm([p.detach() for p in params])) if params else None
+        if token != self._token or (norms is not None and not torch.equal(norms, self._norms)):
+            self.clear()
+            self._token, self._norms = token, norms
+        weights = 1.0 + torch.arange(x.shape[-1], device=x.device, dtype=x.dtype) % 7
+        fingerprint = torch.stack([x.sum(-1), x @ weights], dim=-1)  # (B, 2); exact for counts
+        if self._store is None:
+            loc, scale = encoder(x)
+            n_bytes = n_cells * (loc.shape[-1] + scale.shape[-1] + 2) * loc.element_size()
+            if n_bytes > POSTERIOR_CACHE_MAX_BYTES:
+                return loc, scale
+            self._store = {"loc": loc.new_zeros(n_cells, loc.shape[-1]),
+                           "scale": scale.new_zeros(n_cells, scale.shape[-1]),
+                           "fingerprint": torch.full((n_cells, 2), math.nan, dtype=x.dtype, device=x.device)}
+            self._put(index, fingerprint, loc, scale)
+            return loc, scale
+        store = self._store
+        hit = (store["fingerprint"][index] == fingerprint).all(-1)
+        if not bool(hit.all()):
+            miss = ~hit
+            loc, scale = encoder(x[miss])
+            self._put(index[miss], fingerprint[miss], loc, scale)
+        return store["loc"][index], store["scale"][index]
+
+    def _put(self, index, fingerprint, loc, scale) -> None:
+        self._store["loc"][index] = loc
+        self._store["scale"][index] = scale
+        self._store["fingerprint"][index] = fingerprint
 
 
 class LIVIFamily:

@@ -16,6 +16,8 @@ penalty weights in the reference's per-cell units (multiplied by n_cells here, b
 sums the ELBO over cells where the reference averages it).
 
 Guide: c_i ~ Normal(encoder(x_i)); d_y, v_y ~ Delta(loc) (MAP, default) or Normal(loc, scale).
+While the encoder is frozen (the donor stages) each cell's encoder output is computed once and
+read back (:class:`~pyro_livi.models._livi_family.FrozenEncoderCache`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ..data.batch import Batch
 from ..likelihoods import get_likelihood
 from ..nn import GaussianEncoder
 from ._base import DataNeeds, Option, ZooModel
-from ._livi_family import LIVI_OPTIONS, DonorFactorsMixin
+from ._livi_family import LIVI_OPTIONS, DonorFactorsMixin, FrozenEncoderCache
 
 LINKS = {
     "softmax": lambda c: torch.softmax(c, dim=-1),
@@ -124,7 +126,7 @@ class LIVI(DonorFactorsMixin, ZooModel):
         self.donor_guide = donor_guide
         self.l1_weight, self.a_weight = l1_weight, a_weight
 
-        self.encoder = GaussianEncoder(n_genes, n_cell_state, encoder_hidden, encoder_input)
+        self.encoder = GaussianEncoder(n_genes, n_cell_state, encoder_hidden, encoder_input, sparse_input=True)
         bound = n_cell_state ** -0.5
         self.W_C = PyroParam(torch.empty(n_cell_state, n_genes).uniform_(-bound, bound))
         self.W_DxC = PyroParam(0.1 * torch.randn(n_dxc, n_genes))
@@ -141,6 +143,8 @@ class LIVI(DonorFactorsMixin, ZooModel):
         self.bn = PyroModule[torch.nn.BatchNorm1d](n_genes) if batch_norm else None
         self.likelihoods = {"rna": get_likelihood(likelihood)}
         self._init_likelihood_params("rna", n_genes, n_cell_state, counts_sample)
+        #: the frozen encoder's output per cell in the donor stages (see FrozenEncoderCache)
+        self._posterior_cache = FrozenEncoderCache()
 
     @classmethod
     def from_dataset(cls, dataset, *, likelihoods=None, counts_sample=None, **options) -> "LIVI":
@@ -188,7 +192,7 @@ class LIVI(DonorFactorsMixin, ZooModel):
     def guide(self, batch: Batch, observed: bool = True):
         self._donor_guide_sites()
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
-            loc, scale = self.encoder(batch.x["rna"])
+            loc, scale = self._posterior_cache(self.encoder, batch.x["rna"], batch.index, batch.n_cells)
             pyro.sample("c", dist.Normal(loc, scale).to_event(1))
 
     # ------------------------------------------------------------------- posterior summaries
