@@ -24,7 +24,7 @@ def _requested_model(argv) -> str:
 def _add_option(group, name: str, option) -> None:
     """One model option as a flag whose value reaches the model only when given."""
     flags = [f"--{name.replace('_', '-')}", *option.flags]
-    text = f"{option.help} (default: {option.default})"
+    text = f"{option.help} (default: {'not set' if option.default is None else option.default})"
     if isinstance(option.default, bool):
         group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=text)
@@ -38,10 +38,12 @@ def register(subparsers, argv=None) -> None:
     from ..likelihoods import LIKELIHOODS
     from ..models import MODELS
 
+    from ._help import DefaultsHelpFormatter
+
     chosen = _requested_model(argv)
     p = subparsers.add_parser(
         "fit", help="fit a model of the zoo to an .h5ad/.h5mu file and write RUN_DIR",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Fit a model (`pyro-livi models` lists them) on its default training schedule. "
         "RUN_DIR receives model.pt, the model's tables (per-cell latent, and for donor models D.tsv, "
         "V.tsv, A.tsv; loadings, dispersions), history.tsv, loss_curve.png and run.json. "
