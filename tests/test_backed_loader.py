@@ -291,3 +291,18 @@ def test_model_api_reads_backed_and_trains_with_chunks(h5ad_path, one_torch_thre
     assert m.dataset.backed
     history = m.train(max_epochs=1, batch_size=256, chunk_size=32, buffer_batches=2, progress=False)
     assert len(history) == 1 and m.get_latent_representation().shape == (N_CELLS, 2)
+
+
+def test_backed_reading_of_a_layer_is_refused(tmp_path):
+    """anndata loads the layers of a backed file into memory: asking for a layer with backed=True
+    is an InputError naming the layer and the fix, not a silent in-memory read."""
+    x = sp.csr_matrix(np.random.default_rng(0).poisson(1.0, size=(20, 5)).astype(np.float32))
+    adata = ad.AnnData(X=np.log1p(x.toarray()), layers={"counts": x},
+                       obs=pd.DataFrame({"donor": ["a", "b"] * 10}, index=[f"c{i}" for i in range(20)]))
+    path = tmp_path / "layer.h5ad"
+    adata.write_h5ad(path)
+    spec = {"modalities": {"rna": "counts"}, "donor_key": "donor"}
+    with pytest.raises(InputError, match=r"layer.h5ad: field 'adata.layers\['counts'\]'.*keeps only .X on disk.*"
+                                         r"adata.X = adata.layers\['counts'\]"):
+        read_dataset(path, spec, backed=True)
+    assert not read_dataset(path, spec).backed  # in memory it reads as before

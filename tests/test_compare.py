@@ -48,6 +48,9 @@ def test_compare_fits_each_model_on_the_same_cells_and_resumes(DATA, tmp_path, m
     monkeypatch.setattr(run, "fit", no_fit)
     again = compare(DATA, ["scvi"], tmp_path, epochs=1, batch_size=16, options=OPTIONS, progress=False)
     assert again.iloc[0]["ari"] == saved["ari"]
+    # other settings: the model is fitted again, never reported from the old fit
+    with pytest.raises(AssertionError, match="fitted again"):
+        compare(DATA, ["scvi"], tmp_path, epochs=2, batch_size=16, options=OPTIONS, progress=False)
 
 
 def test_compare_with_donors_and_labels(DATA, tmp_path):
@@ -66,4 +69,6 @@ def test_compare_names_bad_input(DATA, tmp_path):
         compare(DATA, ["scvi"], tmp_path, modalities=["atac"])
     with pytest.raises(InputError, match=r"cells.h5mu: field 'obs\['donors'\].*did you mean 'donor'.*--donor-key"):
         compare(DATA, ["scvi"], tmp_path, donor_key="donors")
+    with pytest.raises(InputError, match=r"Fix: give --label-key \(label_key= in Python\) one of"):
+        compare(DATA, ["scvi"], tmp_path, label_key="celltype")
     assert main(["compare", "--data", DATA, "--models", "scvi", "--options", "{", "--out", str(tmp_path)]) == 2

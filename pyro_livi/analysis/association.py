@@ -1139,7 +1139,8 @@ def associate_factors(factors: pd.DataFrame, genotypes, *, kinship=None,
         raise InputError("fdr_method", "fdr_method", f"unknown method {fdr_method!r}",
                          f"use one of {FDR_METHODS}")
     if int(chunk_size) < 1:
-        raise InputError("chunk_size", "chunk_size", f"{chunk_size} < 1", "use >= 1")
+        raise InputError("<arguments>", "chunk_size", f"SNPs per chunk must be >= 1, got {chunk_size}",
+                         "give a positive number of SNPs per chunk: --chunk-size 5000 (chunk_size=5000)")
     chunk_size = int(chunk_size)
     factors = check_factors(factors)
     own_reader = False

@@ -67,7 +67,9 @@ def compare(data, models, out, *, label_key: str | None = None, modalities=None,
     column of cell labels (default: :func:`derived_labels`); the donors (or the first covariate)
     are the batches of the isolated-label silhouette; ``options``: {model: keyword
     options of :func:`pyro_livi.run.fit`}. Models needing donors are skipped (with the reason in
-    the table) without ``donor_key``. Raises InputError on bad input.
+    the table) without ``donor_key``. A model already fitted in ``OUT`` with the same settings
+    (``OUT/<model>/settings.json``) is reused; with other settings it is fitted again. Raises
+    InputError on bad input.
     """
     from ..data import DatasetSpec, read_dataset
     from ..models import MODELS
@@ -100,9 +102,14 @@ def compare(data, models, out, *, label_key: str | None = None, modalities=None,
         base = read_dataset(prepared, DatasetSpec(modalities={m: "counts" for m in modalities[:1]},
                                                   donor_key=donor_key, covariate_keys=list(covariate_keys),
                                                   label_keys=[label_key] if label_key else []))
-    except InputError as err:  # name the user's file, not the preprocessed copy in memory
+    except InputError as err:  # name the user's file (not the preprocessed copy) and compare's own flags
+        flags = {"(label_keys)": "--label-key (label_key=", "(donor_key)": "--donor-key (donor_key=",
+                 "(covariate_keys)": "--covariate-keys (covariate_keys="}
+        flag = next((f for k, f in flags.items() if str(err.field).endswith(k)), None)
+        fix = (err.fix if flag is None else
+               f"give {flag} in Python) one of the available .obs columns, or add the column to .obs")
         raise InputError(data if isinstance(data, (str, Path)) else err.source, err.field, err.problem,
-                         err.fix) from None
+                         fix) from None
     labels = (base.obs[label_key].astype(str).to_numpy() if label_key
               else derived_labels(base, seed=seed))
     batch_key = donor_key or (covariate_keys[0] if covariate_keys else None)
@@ -113,14 +120,23 @@ def compare(data, models, out, *, label_key: str | None = None, modalities=None,
     for name in models:
         cls = MODELS[name]
         folder = out / name
-        done = folder / "metrics.json"
-        if done.is_file():
+        done, recorded = folder / "metrics.json", folder / "settings.json"
+        settings = json.loads(json.dumps(dict(
+            modalities=modalities, label_key=label_key, donor_key=donor_key, covariate_keys=list(covariate_keys),
+            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, test_fraction=test_fraction,
+            options=(options or {}).get(name, {})), default=str))
+        before = json.loads(recorded.read_text()) if recorded.is_file() else None
+        if done.is_file() and before == settings:
             row = json.loads(done.read_text())
             if progress:
-                print(f"[{name}] already done, reusing {done}")
+                print(f"[{name}] already done with these settings, reusing {done}")
         elif cls.data_needs.donors == "required" and donor_key is None:
             row = {"model": name, "status": "skipped: needs donors (--donor-key)"}
         else:
+            if done.is_file() and progress:
+                changed = ("no record of its settings" if before is None else "settings changed: " + ", ".join(
+                    f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v))
+                print(f"[{name}] fitting again ({changed})")
             low, high = cls.data_needs.modalities
             used = modalities[:high] if high is not None else modalities
             if len(used) < low:
@@ -153,6 +169,7 @@ def compare(data, models, out, *, label_key: str | None = None, modalities=None,
                    "cells_per_s": float(result.history["cells_per_s"].median()),
                    "epochs": int(len(result.history))}
             done.write_text(json.dumps(row, indent=2))
+            recorded.write_text(json.dumps(settings, indent=2))
         rows.append(row)
         if (folder / "latent.npy").is_file() and row.get("status") == "ok":
             latents[name] = np.load(folder / "latent.npy")

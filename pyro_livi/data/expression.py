@@ -832,8 +832,9 @@ def read_dataset(data, spec: DatasetSpec | dict, *, backed: bool = False,
         What to read; a dict is validated against ``data_schemas/dataset_spec.schema.json``.
     backed : bool
         Open a path in backed mode: counts stay on disk and each batch reads its rows
-        (sorted, for h5py); size factors are computed in chunks. Needs a path. Layers of a
-        backed file are loaded in memory by anndata; ``.X`` stays on disk.
+        (sorted, for h5py); size factors are computed in chunks. Needs a path and the counts
+        in ``.X``: anndata loads the layers of a backed file into memory, so a layer with
+        ``backed=True`` raises an InputError.
     donor_index, covariate_categories
         A fitted model's donor index and covariate categories, re-applied to this data
         (unseen donors or categories raise an InputError); built from the data when None.
@@ -918,6 +919,14 @@ def read_dataset(data, spec: DatasetSpec | dict, *, backed: bool = False,
     for name, layer in spec.modalities.items():
         adata = mods[name]
         field = _matrix_field(is_mu, name, layer)
+        if backed and layer is not None:
+            raise InputError(source, field, f"backed reading keeps only .X on disk, and anndata loads "
+                             f"the layers of a backed file into memory: the layer '{layer}' of "
+                             f"modality '{name}' would not stay on disk",
+                             f"store the counts in .X and save the file (adata.X = "
+                             f"adata.layers['{layer}']; adata.write_h5ad(...)), then read it backed "
+                             "without a layer (no --layer / modalities layer None); or leave out "
+                             "--backed (backed=False) to read the layer in memory")
         matrix = _CountMatrix(_count_source(adata, name, layer, source, field), source, field,
                               notes)
         if matrix.shape != (adata.n_obs, adata.n_vars):

@@ -719,7 +719,8 @@ def iter_snp_chunks(source, chunk_size: int, donors: Sequence[str] | None = None
     the rows and their order; default all donors.
     """
     if chunk_size < 1:
-        raise InputError("chunk_size", "chunk_size", f"{chunk_size} < 1", "use chunk_size >= 1")
+        raise InputError("<arguments>", "chunk_size", f"SNPs per chunk must be >= 1, got {chunk_size}",
+                         "give a positive number of SNPs per chunk: --chunk-size 5000 (chunk_size=5000)")
     own = False
     if isinstance(source, (str, Path)):
         source = open_genotypes(source, variant_count=variant_count, **table_options)
