@@ -20,6 +20,7 @@ import pandas as pd
 from .analysis.denoise import normalized_expression, predictive_samples
 from .analysis.latents import cell_state, donor_factor_tables, specific_state_tables
 from .data import DatasetSpec, read_dataset
+from .data.loader import unset_defaults
 from .errors import InputError
 from .infer import Trainer, TrainingConfig, seed_everything
 from .models import model_class
@@ -97,6 +98,7 @@ class Model:
         options = {**self._schedule_options, **schedule_options}
         _, schedule = split_options(self.name, options)
         stages = cls.default_stages(epochs=max_epochs, patience=patience, **schedule)
+        chunk_size, buffer_batches = unset_defaults(chunk_size, buffer_batches, self.dataset.backed)
         config = TrainingConfig(batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress,
                                 chunk_size=chunk_size, buffer_batches=buffer_batches)
         train_size = cls.default_train_size if train_size is None else train_size

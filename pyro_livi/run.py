@@ -16,6 +16,7 @@ from .analysis.heldout import split_cells
 from .analysis.latents import output_tables
 from .analysis.plots import plot_loss_curves
 from .data import DatasetSpec, read_dataset
+from .data.loader import unset_defaults
 from .errors import InputError
 from .infer import Trainer, TrainingConfig, seed_everything
 from .models import model_class
@@ -172,7 +173,9 @@ def fit(
     train_size = cls.default_train_size if train_size is None else float(train_size)
     arguments = dict(model=model, epochs=epochs, patience=patience, train_size=train_size,
                      batch_size=batch_size, lr=lr, seed=seed, **{**declared, **options})
-    # data-access settings are recorded only when set, so that runs made without them still resume
+    # data-access settings are recorded only when set (and not the default), so that runs made
+    # without them still resume
+    chunk_size, buffer_batches = unset_defaults(chunk_size, buffer_batches, bool(backed))
     reading = dict(backed=bool(backed), chunk_size=chunk_size, buffer_batches=buffer_batches)
     arguments.update({k: v for k, v in reading.items() if v not in (None, False)})
     run_info = {"arguments": json.loads(json.dumps(arguments, default=str)), "spec": spec.to_dict(),

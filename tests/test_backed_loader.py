@@ -265,6 +265,18 @@ def test_fit_backed_equals_in_memory_with_the_same_shuffle(h5ad_path, tmp_path, 
         fit(h5ad_path, backed=True, out=tmp_path / "run", resume=True, **{**kw, "chunk_size": 64})
 
 
+def test_defaults_spelled_out_resume_a_run_that_left_them_unset(h5ad_path, tmp_path, one_torch_thread):
+    from pyro_livi.run import fit
+
+    kw = dict(model="scvi", n_latent=2, n_hidden=8, epochs=1, patience=None, batch_size=128, progress=False)
+    first = fit(h5ad_path, backed=True, out=tmp_path / "run", **kw)
+    again = fit(h5ad_path, backed=True, out=tmp_path / "run", resume=True, chunk_size=DEFAULT_CHUNK_SIZE,
+                buffer_batches=32, **kw)
+    pd.testing.assert_frame_equal(again.history, first.history)
+    stored = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert "chunk_size" not in stored and "buffer_batches" not in stored
+
+
 def test_cli_simulate_stream_then_fit_backed(tmp_path, one_torch_thread):
     from pyro_livi.cli import main
 

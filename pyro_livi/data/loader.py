@@ -37,6 +37,16 @@ DEFAULT_CHUNK_SIZE = 128
 DEFAULT_BUFFER_BATCHES = 32
 
 
+def unset_defaults(chunk_size, buffer_batches, backed: bool) -> tuple:
+    """``(chunk_size, buffer_batches)`` with a value equal to its default for this data (chunks of
+    :data:`DEFAULT_CHUNK_SIZE` cells when ``backed``, else 1; :data:`DEFAULT_BUFFER_BATCHES`)
+    replaced by None, so that a run records, and compares on resume, the same settings whether
+    the defaults were spelled out or left unset. Other values, valid or not, pass unchanged."""
+    default_chunk = DEFAULT_CHUNK_SIZE if backed else 1
+    return (None if chunk_size is not None and chunk_size == default_chunk else chunk_size,
+            None if buffer_batches is not None and buffer_batches == DEFAULT_BUFFER_BATCHES else buffer_batches)
+
+
 def chunked_order(n_cells: int, chunk_size: int, buffer_cells: int,
                   rng: np.random.Generator) -> np.ndarray:
     """A permutation of ``0..n_cells-1`` made of shuffled contiguous chunks, shuffled within buffers.
