@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
+from .likelihoods import nonzeros
+
 
 def mlp(n_in: int, hidden: Sequence[int]) -> PyroModule:
     """Blocks ``Linear -> ReLU -> LayerNorm`` for each width in ``hidden`` (DESIGN section 3)."""
@@ -97,8 +99,6 @@ class GaussianEncoder(PyroModule):
         """The first hidden layer's Linear output from the non-zero inputs, or None (dense path)."""
         if len(self.body) == 0 or x.dim() != 2 or x.requires_grad or not x.numel():
             return None
-        from .likelihoods import nonzeros
-
         nz = nonzeros(x)
         if nz.index.numel() > SPARSE_INPUT_MAX_DENSITY * x.numel():
             return None

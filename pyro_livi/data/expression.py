@@ -593,7 +593,6 @@ class RowBlock:
         return x, present
 
 
-
 class SingleCellDataset:
     """Validated single-cell counts that hand out dense minibatches.
 
