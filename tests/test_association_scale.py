@@ -362,6 +362,17 @@ def test_missing_dask_names_the_extra(monkeypatch):
                           dask_scheduler="tcp://127.0.0.1:8786")
 
 
+def test_chunk_size_below_one_names_the_flag():
+    from pyro_livi.data.genotypes import iter_snp_chunks
+
+    geno, F, cov, K = simulate(n=30, m=20, seed=2)
+    fix = r"SNPs per chunk must be >= 1, got 0.*--chunk-size 5000 \(chunk_size=5000\)"
+    with pytest.raises(InputError, match=fix):
+        associate_factors(F, geno, kinship=K, progress=False, chunk_size=0)
+    with pytest.raises(InputError, match=fix):
+        next(iter_snp_chunks(geno, 0))
+
+
 @pytest.mark.slow
 def test_cli_on_a_dask_cluster_of_processes(tmp_path, capsys):
     """``pyro-livi associate --dask-scheduler ADDRESS`` with worker processes equals the
