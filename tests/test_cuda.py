@@ -1,5 +1,6 @@
 """The CUDA path of every registered model, end to end: data, model, trainer, checkpoints and
-outputs. Skipped on machines without a CUDA GPU.
+outputs. Skipped on machines without a CUDA GPU, except the device-discipline check, which runs
+everywhere: no tensor made inside training or a forward pass is left on the default device.
 
 For each model: training really runs on the GPU (parameters and minibatches on CUDA in every
 epoch); the fitted model and every output come back on the CPU; a checkpoint written on the GPU
@@ -8,11 +9,16 @@ predictive draws on CUDA equal (encoder) or match (shapes, finiteness) the CPU o
 line (`pyro-livi fit --device cuda`, then `evaluate`) runs once.
 """
 
+import sys
+from collections import Counter
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from pyro.infer import Predictive
+from torch.overrides import TorchFunctionMode
 
 from pyro_livi.cli import main
 from pyro_livi.infer import Trainer, elbo_terms
@@ -21,7 +27,7 @@ from pyro_livi.run import fit
 from pyro_livi.simulate import SimulationConfig, simulate
 from test_zoo_contract import N_CELLS, ONE_EPOCH, TINY, built, tiny_data
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA GPU here (torch.cuda.is_available() is False); "
                                        "these checks run on a machine with an NVIDIA GPU")
 
@@ -34,6 +40,7 @@ def _fit(name, data, spec, out, device, **extra):
                device=device, **TINY[name], **ONE_EPOCH.get(name, {}), **extra)
 
 
+@needs_cuda
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_fit_on_cuda_returns_cpu_outputs_and_resumes_on_cpu(name, tmp_path, monkeypatch):
     seen = []
@@ -63,6 +70,7 @@ def test_fit_on_cuda_returns_cpu_outputs_and_resumes_on_cpu(name, tmp_path, monk
     assert len(again.history) == len(result.history)
 
 
+@needs_cuda
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_encoder_elbo_and_predictive_on_cuda(name):
     model, dataset = built(name)
@@ -83,6 +91,7 @@ def test_encoder_elbo_and_predictive_on_cuda(name):
         assert torch.isfinite(site).all()
 
 
+@needs_cuda
 def test_cli_fit_and_evaluate_on_cuda(tmp_path):
     config = SimulationConfig(n_donors=8, cells_per_donor=25, vary_cells_per_donor=False, n_snps=20,
                               n_genes=60, k_c=4, k_dxc=2, k_v=1, n_cell_types=3)
@@ -97,3 +106,56 @@ def test_cli_fit_and_evaluate_on_cuda(tmp_path):
     assert main(["evaluate", "--run", str(run), "--data", str(data), "--label-keys", "cell_type",
                  "--ppc-cells", "80", "--ppc-samples", "5", "--out", str(tmp_path / "eval")]) == 0
     assert (tmp_path / "eval" / "metrics.tsv").is_file()
+
+
+_FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.linspace, torch.eye,
+              torch.rand, torch.randn, torch.randint, torch.randperm, torch.tensor, torch.as_tensor,
+              torch.scalar_tensor}
+_PACKAGE = Path(__import__("pyro_livi").__file__).parent
+
+
+class _DefaultDeviceFactories(TorchFunctionMode):
+    """Records where package code (outside the data loaders, which build batches on the CPU and
+    move them) calls a tensor factory without ``device=``: on a GPU run such a tensor lands on the
+    CPU beside CUDA ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        from_tensor = func is torch.as_tensor and args and torch.is_tensor(args[0])
+        if func in _FACTORIES and kwargs.get("device") is None and not from_tensor:
+            frame = sys._getframe(1)
+            path = Path(frame.f_code.co_filename)
+            if _PACKAGE in path.parents and (_PACKAGE / "data") not in path.parents:
+                self.calls[f"{path.relative_to(_PACKAGE)}:{frame.f_lineno} torch.{func.__name__}"] += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_training_and_forward_passes_make_tensors_on_the_data_device(name, tmp_path, monkeypatch):
+    """Runs on the CPU everywhere: every tensor made in a training epoch (model, guide, ELBO,
+    backward, optimiser, frozen-encoder cache) or in a forward pass (encoder, ELBO terms, posterior
+    predictive) takes its device from the data or the parameters, so ``--device cuda`` cannot mix
+    devices. Factories called while building a model are exempt: the model is built on the CPU and
+    moved as a whole."""
+    mode = _DefaultDeviceFactories()
+    run_epoch = Trainer._run_epoch
+
+    def watched(self, stage, loader, n_cells, device):
+        with mode:
+            return run_epoch(self, stage, loader, n_cells, device)
+
+    monkeypatch.setattr(Trainer, "_run_epoch", watched)
+    data, spec = tiny_data(name)
+    _fit(name, data, spec, tmp_path, "cpu")
+    model, dataset = built(name)
+    batch = dataset.batch(np.arange(N_CELLS))
+    with mode:
+        model.encode(batch)
+        elbo_terms(model.model, model.guide, batch)
+        Predictive(model.model, guide=model.guide, num_samples=2)(batch, observed=False)
+    assert not mode.calls, f"tensor factories without device= in {name}'s training or forward passes: " \
+                           f"{dict(mode.calls)}"
