@@ -22,8 +22,10 @@ from torch.overrides import TorchFunctionMode
 
 from pyro_livi.cli import main
 from pyro_livi.infer import Trainer, elbo_terms
+from pyro_livi.infer.trainer import CHECKPOINT_NAME
 from pyro_livi.models import MODELS
 from pyro_livi.run import fit
+from pyro_livi.rundir import CHECKPOINT_DIR
 from pyro_livi.simulate import SimulationConfig, simulate
 from test_zoo_contract import N_CELLS, ONE_EPOCH, TINY, built, tiny_data
 
@@ -159,3 +161,17 @@ def test_training_and_forward_passes_make_tensors_on_the_data_device(name, tmp_p
         Predictive(model.model, guide=model.guide, num_samples=2)(batch, observed=False)
     assert not mode.calls, f"tensor factories without device= in {name}'s training or forward passes: " \
                            f"{dict(mode.calls)}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_machine_without_one(tmp_path, monkeypatch):
+    """Checkpoints are saved with their tensors' devices; this one's storages are tagged as
+    ``cuda:0`` (what ``torch.save`` writes on a GPU), and resuming it here, without a GPU, works."""
+    monkeypatch.setattr(torch.serialization, "_package_registry", list(torch.serialization._package_registry))
+    torch.serialization.register_package(1, lambda storage: "cuda:0", lambda storage, location: None)
+    data, spec = tiny_data("scvi")
+    first = _fit("scvi", data, spec, tmp_path, "cpu")
+    with pytest.raises(RuntimeError, match="CUDA"):  # the tag took: a plain load needs a GPU
+        torch.load(tmp_path / CHECKPOINT_DIR / CHECKPOINT_NAME, weights_only=False)
+    again = _fit("scvi", data, spec, tmp_path, "cpu", resume=True)
+    pd.testing.assert_frame_equal(again.tables["latent"], first.tables["latent"], rtol=1e-5, atol=1e-6)

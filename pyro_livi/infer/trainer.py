@@ -76,13 +76,21 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
+    """Restore :func:`_rng_state`; the CUDA generators only where the checkpoint has them and this
+    machine has as many GPUs (a GPU checkpoint resumed on the CPU keeps the CPU generators)."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _donor_dict(dataset) -> dict | None:
@@ -472,7 +480,7 @@ class Trainer:
                 path if path is not None else "<trainer>", "resume",
                 "no checkpoint to resume from" + ("" if path is not None else " (no checkpoint_dir)"),
                 "run without resume to start training (drop --resume on the CLI, resume=False in Python)")
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)  # written on a GPU or not
         differ = []
         if state["model_class"] != type(self.model).__name__:
             differ.append(f"model class: {state['model_class']} in the checkpoint, {type(self.model).__name__} now")
