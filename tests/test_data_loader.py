@@ -94,3 +94,22 @@ def test_bad_arguments(dataset):
         MinibatchLoader(dataset, batch_size=500, drop_last=True)
     with pytest.raises(InputError, match="epoch"):
         MinibatchLoader(dataset).set_epoch(-1)
+
+
+def test_a_shuffle_buffer_without_chunks_is_refused(dataset, tmp_path, capsys):
+    """In memory the shuffle is cell-level (chunk_size 1) and has no buffer: a buffer size given
+    there is refused rather than ignored, naming both flags; with chunks it is taken."""
+    with pytest.raises(InputError, match="buffer_batches.*cell-level.*--chunk-size"):
+        MinibatchLoader(dataset, batch_size=10, buffer_batches=4)
+    with pytest.raises(InputError, match="buffer_batches"):
+        MinibatchLoader(dataset, batch_size=10, chunk_size=1, buffer_batches=4)
+    assert MinibatchLoader(dataset, batch_size=10, chunk_size=8, buffer_batches=4).buffer_cells == 40
+
+    from pyro_livi.cli import main
+
+    path = tmp_path / "x.h5ad"
+    ad.AnnData(X=sp.csr_matrix(np.ones((20, 5), np.float32)),
+               obs=pd.DataFrame(index=[f"c{i}" for i in range(20)])).write_h5ad(path)
+    assert main(["fit", "--data", str(path), "--model", "scvi", "--epochs", "1", "--buffer-batches", "4",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "--buffer-batches" in capsys.readouterr().err

@@ -84,7 +84,7 @@ def register(subparsers, argv=None) -> None:
                    "cells within buffers of --buffer-batches minibatches (default: 128 with --backed, 1 = a "
                    "permutation of the cells in memory)")
     p.add_argument("--buffer-batches", type=int, default=None,
-                   help="minibatches' worth of cells shuffled together with --chunk-size > 1 (default: 32)")
+                   help="minibatches' worth of cells shuffled together; needs --chunk-size > 1 (or --backed) (default: 32)")
     p.add_argument("--lr", type=float, default=8e-4, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, minibatches and sampling")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train: cpu, or cuda (an NVIDIA GPU)")

@@ -101,10 +101,11 @@ class MinibatchLoader:
     buffer_batches : int or None
         Minibatches' worth of cells gathered and shuffled together (None:
         :data:`DEFAULT_BUFFER_BATCHES`, 32). Memory of a buffer: ``buffer_batches * batch_size``
-        cells as stored (sparse: their non-zero values). Ignored when ``chunk_size`` is 1.
+        cells as stored (sparse: their non-zero values). Only with a chunked shuffle.
 
-    Raises InputError for a batch size, chunk size or buffer size below 1, and for
-    ``drop_last`` with fewer cells than one batch.
+    Raises InputError for a batch size, chunk size or buffer size below 1, for ``buffer_batches``
+    with the cell-level shuffle (``chunk_size`` 1, given or the in-memory default), which has no
+    buffer, and for ``drop_last`` with fewer cells than one batch.
     """
 
     def __init__(self, dataset, batch_size: int = 1024, shuffle: bool = True, seed: int = 0,
@@ -130,6 +131,13 @@ class MinibatchLoader:
         self.drop_last = bool(drop_last)
         if chunk_size is None:
             chunk_size = DEFAULT_CHUNK_SIZE if getattr(dataset, "backed", False) else 1
+        if int(chunk_size) == 1 and buffer_batches is not None:
+            raise InputError(dataset.source, "buffer_batches",
+                             f"is {buffer_batches}, but the shuffle is cell-level (chunk_size 1"
+                             + ("" if getattr(dataset, "backed", False) else ", the default for data in memory")
+                             + "), which has no shuffle buffer",
+                             "give chunk_size > 1 (--chunk-size on the CLI) for a chunked, buffered "
+                             "shuffle, or leave buffer_batches (--buffer-batches) unset")
         #: resolved chunk size (1: cell-level permutation)
         self.chunk_size = int(chunk_size)
         #: resolved number of minibatches per shuffle buffer
