@@ -584,13 +584,23 @@ class RowBlock:
         if not (inside.all() and np.array_equal(self.positions[local], idx)):
             raise InputError(self.source, "block", "the minibatch holds cells that the prefetched "
                              "block does not", "prefetch a superset of the minibatch's cells")
-        rows = self.rows_in_block[modality][local]
-        present = rows >= 0
-        x = np.zeros((idx.size, self.n_features[modality]), dtype=np.float32)
-        if present.any():
-            part = self.matrices[modality][rows[present]]
-            x[present] = part.toarray() if sp.issparse(part) else np.asarray(part)
-        return x, present
+        matrix = self.matrices[modality]
+
+        def read(rows):
+            part = matrix[rows]
+            return part.toarray() if sp.issparse(part) else np.asarray(part)
+
+        return _dense_with_absent(self.rows_in_block[modality][local], self.n_features[modality], read)
+
+
+def _dense_with_absent(rows: np.ndarray, n_features: int, read) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, present)``: dense float32 (len(rows), n_features) with ``read(rows[present])`` in the
+    rows of present cells and zeros for cells without the modality (``rows`` -1)."""
+    present = rows >= 0
+    x = np.zeros((rows.size, n_features), dtype=np.float32)
+    if present.any():
+        x[present] = read(rows[present])
+    return x, present
 
 
 class SingleCellDataset:
@@ -705,12 +715,7 @@ class SingleCellDataset:
         mapping = self._rows_of_cell[modality]
         if mapping is None:
             return matrix.read(full), np.ones(idx.shape[0], dtype=bool)
-        rows = mapping[full]
-        present = rows >= 0
-        x = np.zeros((idx.shape[0], matrix.shape[1]), dtype=np.float32)
-        if present.any():
-            x[present] = matrix.read(rows[present])
-        return x, present
+        return _dense_with_absent(mapping[full], matrix.shape[1], matrix.read)
 
     def prefetch(self, idx) -> "RowBlock":
         """Read the stored rows of cells ``idx`` (positions 0..n_cells-1) of every modality at
