@@ -9,7 +9,25 @@ import torch
 from ..data.loader import MinibatchLoader
 
 
-@torch.no_grad()
+def _per_cell(model, dataset, batch_size: int, compute) -> dict[str, np.ndarray]:
+    """Run ``compute(batch)`` -> {name: array (..., B, K)} over the cells in dataset order, in eval
+    mode without gradients; {name: array (..., n_cells, K)}. Each output array is allocated once
+    and filled batch by batch: keeping one small array per batch between the batches' large
+    temporaries fragments the heap, and the process then grows with the cells."""
+    out: dict[str, np.ndarray] = {}
+    start = 0
+    model.eval()
+    with torch.no_grad():
+        for batch in MinibatchLoader(dataset, batch_size=batch_size, shuffle=False):
+            for name, values in compute(batch).items():
+                if name not in out:
+                    out[name] = np.empty((*values.shape[:-2], dataset.n_cells, values.shape[-1]), values.dtype)
+                out[name][..., start:start + batch.size, :] = values
+            start += batch.size
+    model.train()
+    return out
+
+
 def cell_state(model, dataset, *, batch_size: int = 4096, n_samples: int = 0, seed: int = 0) -> np.ndarray:
     """Cell-state latent of every cell, in dataset order.
 
@@ -17,23 +35,14 @@ def cell_state(model, dataset, *, batch_size: int = 4096, n_samples: int = 0, se
     samples of shape (n_samples, n_cells, K_C).
     """
     generator = torch.Generator().manual_seed(seed)
-    # one output array filled batch by batch: keeping one small array per batch between the
-    # batches' large temporaries fragments the heap, and the process then grows with the cells
-    out, start = None, 0
-    model.eval()
-    for batch in MinibatchLoader(dataset, batch_size=batch_size, shuffle=False):
+
+    def compute(batch):
         loc, scale = model.encode(batch)
         if n_samples:
-            eps = torch.randn((n_samples, *loc.shape), generator=generator)
-            values = (loc + scale * eps).numpy()
-        else:
-            values = loc.numpy()
-        if out is None:
-            out = np.empty((*values.shape[:-2], dataset.n_cells, values.shape[-1]), dtype=values.dtype)
-        out[..., start:start + values.shape[-2], :] = values
-        start += values.shape[-2]
-    model.train()
-    return out
+            loc = loc + scale * torch.randn((n_samples, *loc.shape), generator=generator)
+        return {"latent": loc.numpy()}
+
+    return _per_cell(model, dataset, batch_size, compute)["latent"]
 
 
 def cell_state_table(model, dataset, **kwargs) -> pd.DataFrame:
@@ -44,26 +53,17 @@ def cell_state_table(model, dataset, **kwargs) -> pd.DataFrame:
                         columns=[f"{model.latent_site}_{k}" for k in range(values.shape[1])])
 
 
-@torch.no_grad()
 def specific_state_tables(model, dataset, *, batch_size: int = 4096) -> dict[str, pd.DataFrame]:
     """Posterior means of modality-specific latents, for models that have them (DMLIVI's
     ``s_<modality>`` through ``model.encode_latents``): {"specific_state_<modality>": table},
     rows = cell ids, columns ``s_<modality>_0..``. Empty for other models."""
     if not hasattr(model, "encode_latents"):
         return {}
-    parts: dict[str, list[np.ndarray]] = {}
-    model.eval()
-    for batch in MinibatchLoader(dataset, batch_size=batch_size, shuffle=False):
-        for name, (loc, _) in model.encode_latents(batch).items():
-            if name.startswith("s_"):
-                parts.setdefault(name, []).append(loc.cpu().numpy())
-    model.train()
-    tables = {}
-    for name, values in parts.items():
-        values = np.concatenate(values)
-        tables[f"specific_state_{name[2:]}"] = pd.DataFrame(
-            values, index=dataset.obs_names, columns=[f"{name}_{k}" for k in range(values.shape[1])])
-    return tables
+    values = _per_cell(model, dataset, batch_size, lambda batch: {
+        name: loc.cpu().numpy() for name, (loc, _) in model.encode_latents(batch).items() if name.startswith("s_")})
+    return {f"specific_state_{name[2:]}": pd.DataFrame(v, index=dataset.obs_names,
+                                                       columns=[f"{name}_{k}" for k in range(v.shape[1])])
+            for name, v in values.items()}
 
 
 def donor_factor_tables(model, donor_index) -> dict[str, pd.DataFrame]:
