@@ -205,10 +205,13 @@ class SimulationConfig:
             values["cell_type_proportions"] = tuple(values["cell_type_proportions"])
         return cls(**values)
 
-    def validate(self, n_donors: int | None = None, n_snps: int | None = None) -> None:
+    def validate(self, n_donors: int | None = None, n_snps: int | None = None, *,
+                 streamed: bool = False) -> None:
         """Raise :class:`InputError` naming the first invalid field.
 
         n_donors, n_snps: the actual numbers (they differ from the fields with real genotypes).
+        streamed: check the config for the block-by-block writers (:func:`write_simulation_streaming`,
+            :func:`write_h5ad_streaming`), which write RNA only: ``n_proteins`` must be 0.
         """
         src = "SimulationConfig"
         n_donors = self.n_donors if n_donors is None else n_donors
@@ -217,6 +220,11 @@ class SimulationConfig:
         def need(ok: bool, name: str, problem: str, fix: str) -> None:
             if not ok:
                 raise InputError(src, name, problem, fix)
+
+        need(not (streamed and self.n_proteins), "n_proteins",
+             f"is {self.n_proteins}; only RNA is written in blocks (--stream)",
+             "use n_proteins=0 (--n-proteins 0), or simulate() / pyro-livi simulate without --stream "
+             "for proteins")
 
         for name in ("n_genes", "k_c", "n_cell_types", "n_causal_per_factor"):
             need(int(getattr(self, name)) >= 1, name, f"is {getattr(self, name)}", "use >= 1")
@@ -304,10 +312,11 @@ class SimulatedData:
 # --------------------------------------------------------------------------------------------
 
 
-def _names(prefix: str, n: int, width: int) -> list[str]:
-    """``prefix`` + zero-padded index, at least ``width`` digits."""
+def _names(prefix: str, n: int, width: int, start: int = 0, stop: int | None = None) -> list[str]:
+    """Names ``start..stop-1`` (default all) of ``n``: ``prefix`` + zero-padded index, at least
+    ``width`` digits and as many as the largest index ``n - 1`` needs."""
     w = max(width, len(str(max(n - 1, 0))))
-    return [f"{prefix}{i:0{w}d}" for i in range(n)]
+    return [f"{prefix}{i:0{w}d}" for i in range(start, n if stop is None else stop)]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -653,6 +662,68 @@ def simulate(config: SimulationConfig | None = None, *, seed: int = 0,
 # --------------------------------------------------------------------------------------------
 
 
+#: Files a simulation writes at the top of its folder, over every mode: ``expression.h5ad`` (RNA
+#: only; also with ``--stream``) or ``expression.h5mu`` (with proteins), the PLINK genotypes, and
+#: ``multiome.h5mu`` of ``--mode multiome`` (:func:`pyro_livi.simulate_multiome.write_multiome`).
+SIMULATION_FILES = ("expression.h5ad", "expression.h5mu", "multiome.h5mu",
+                    "genotypes.bed", "genotypes.bim", "genotypes.fam")
+
+#: Files a simulation writes in its ``truth/`` folder, over every mode: the population truth of
+#: :func:`write_simulation` and :func:`write_simulation_streaming` (with the protein tables) and
+#: that of ``--mode multiome`` (links, cell types, genes, peaks).
+TRUTH_FILES = ("effects.tsv", "D.tsv", "V.tsv", "A.tsv", "W_C.tsv", "W_DxC.tsv", "W_V.tsv",
+               "genes.tsv", "cell_state.tsv", "W_C_prot.tsv", "W_DxC_prot.tsv", "W_V_prot.tsv",
+               "proteins.tsv", "links.tsv", "cell_types.tsv", "peaks.tsv", "config.json", "README.md")
+
+
+def simulation_outputs(out_dir) -> list[Path]:
+    """The files in ``out_dir`` that a simulation writes (:data:`SIMULATION_FILES` at the top,
+    :data:`TRUTH_FILES` under ``truth/``), in that order; [] when ``out_dir`` is absent. Other
+    files (your notes, a fit's run folder) are never listed."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    names = list(SIMULATION_FILES) + [f"truth/{name}" for name in TRUTH_FILES]
+    return [out / name for name in names if (out / name).is_file()]
+
+
+def prepare_simulation_dir(out_dir, *, overwrite: bool = False) -> Path:
+    """Make ``out_dir`` ready for a simulation, or refuse when that would clobber another one.
+
+    The rule of ``pyro-livi simulate`` (all modes: population, ``--stream``, ``--mode
+    multiome``); the writers themselves (:func:`write_simulation`,
+    :func:`write_simulation_streaming`, :func:`pyro_livi.simulate_multiome.write_multiome`)
+    replace files of their own names without asking, so call this first.
+
+    - ``out_dir`` absent, empty, or without simulation outputs (:func:`simulation_outputs`):
+      used as is (created by the writer).
+    - it holds any, and not ``overwrite``: :class:`InputError` naming the folder, the files and
+      the fix (``--overwrite`` / ``overwrite=True``, or another ``--out``).
+    - ``overwrite``: those files (only those) are removed, so that no output of an earlier
+      simulation with other options (say ``expression.h5mu`` of a run with proteins beside the
+      ``expression.h5ad`` of an RNA-only run) lingers; ``truth/`` is removed when that leaves it
+      empty. Nothing else in the folder is touched.
+
+    Returns ``Path(out_dir)``. Raises InputError when ``out_dir`` exists and is not a folder.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "--out", "exists and is not a folder", "give a folder for the simulation (--out)")
+    old = simulation_outputs(out)
+    if old and not overwrite:
+        names = [str(p.relative_to(out)) for p in old]
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        raise InputError(out, "--out", f"the folder already holds the files of a simulation ({shown})",
+                         "add --overwrite (prepare_simulation_dir(out, overwrite=True) in Python) to replace "
+                         "them (it removes only the files the simulator writes), or choose another --out")
+    for path in old:
+        path.unlink()
+    truth = out / "truth"
+    if old and truth.is_dir() and not any(truth.iterdir()):
+        truth.rmdir()
+    return out
+
+
 def _bed_values(genotypes: np.ndarray) -> np.ndarray:
     """Genotypes as PLINK hard calls: int8 0/1/2 (-127 missing) or float32 with NaN."""
     g = np.asarray(genotypes)
@@ -663,9 +734,83 @@ def _bed_values(genotypes: np.ndarray) -> np.ndarray:
     if not np.all(g[finite] == np.round(g[finite])):
         warnings.warn("genotypes hold non-integer dosages; genotypes.bed stores them rounded "
                       "to hard calls 0/1/2 (the planted effects used the exact dosages)",
-                      stacklevel=3)
+                      stacklevel=4)
         g = np.where(finite, np.round(g), np.nan)
     return g.astype(np.float32)
+
+
+def _write_population(out: Path, cfg: SimulationConfig, truth: dict[str, Any], genotypes: np.ndarray,
+                      donors: list[str], snps: pd.DataFrame, genes: list[str],
+                      proteins: list[str] | None = None) -> tuple[dict[str, Path], int]:
+    """Write the genotypes (``out/genotypes.bed/.bim/.fam``) and the donor- and gene-level truth
+    tables (``out/truth/<name>.tsv``: every table but ``cell_state``), the part that
+    :func:`write_simulation` and :func:`write_simulation_streaming` share.
+
+    truth: the keys of :attr:`SimulatedData.truth` but ``c``, ``library``, ``centroids`` (the
+    ``*_prot`` ones with ``proteins``, the protein names). Returns the written paths by name
+    and the number of planted effects.
+    """
+    from bed_reader import to_bed
+
+    paths = {ext: out / f"genotypes.{ext}" for ext in ("bed", "bim", "fam")}
+    to_bed(paths["bed"], _bed_values(genotypes), properties={
+        "fid": list(donors), "iid": list(donors),
+        "sid": snps["snp"].astype(str).tolist(),
+        "chromosome": snps["chrom"].astype(str).tolist(),
+        "bp_position": snps["pos"].astype(np.int64).tolist(),
+        "allele_1": snps["a1"].astype(str).tolist(),
+        "allele_2": snps["a2"].astype(str).tolist(),
+    }, count_A1=True, num_threads=1)
+
+    t = truth
+    d_cols = [f"D_{j}" for j in range(cfg.k_dxc)]
+    v_cols = [f"V_{j}" for j in range(cfg.k_v)]
+    c_rows = [f"c_{k}" for k in range(cfg.k_c)]
+    donor_index = pd.Index(list(donors), name="donor")
+    tables = {
+        "effects": t["effects"].drop(columns="snp_index"),
+        "D": pd.DataFrame(t["D"], index=donor_index, columns=d_cols),
+        "V": pd.DataFrame(t["V"], index=donor_index, columns=v_cols),
+        "A": pd.DataFrame(t["A"], index=pd.Index(c_rows, name="cell_state"), columns=d_cols),
+    }
+    feature_sets = [("", genes, "genes", "gene")] + ([("_prot", proteins, "proteins", "protein")]
+                                                    if proteins is not None else [])
+    for suffix, names, table, index_name in feature_sets:
+        for key, rows in (("W_C", c_rows), ("W_DxC", d_cols), ("W_V", v_cols)):
+            tables[key + suffix] = pd.DataFrame(t[key + suffix], index=pd.Index(rows, name="factor"),
+                                                columns=names)
+        tables[table] = pd.DataFrame({"baseline": t["b" + suffix], "theta": t["theta" + suffix]},
+                                     index=pd.Index(names, name=index_name))
+    truth_dir = out / "truth"
+    for name, frame in tables.items():
+        paths[name] = truth_dir / f"{name}.tsv"
+        frame.to_csv(paths[name], sep="\t", index=name != "effects")
+    return paths, len(tables["effects"])
+
+
+def _write_cell_state(path: Path, c: np.ndarray, start: int, n_cells: int) -> None:
+    """Rows ``start..start+m-1`` of ``truth/cell_state.tsv``: the cell states ``c`` (m, K_C),
+    index ``cell`` (the cell ids), columns ``c_k``. The first rows (``start == 0``) create the
+    file with its header; later ones are appended, so the table can be written block by block."""
+    cells = pd.Index(_names("cell_", n_cells, 5, start, start + c.shape[0]), name="cell")
+    frame = pd.DataFrame(c, index=cells, columns=[f"c_{k}" for k in range(c.shape[1])])
+    frame.to_csv(path, sep="\t", mode="w" if start == 0 else "a", header=start == 0)
+
+
+def _write_summary(truth_dir: Path, cfg: SimulationConfig, seed: int, *, n_cells: int, n_donors: int,
+                   n_snps: int, n_effects: int, streamed: bool) -> dict[str, Path]:
+    """``truth/config.json`` (seed, sizes, ``"streamed": true`` when written block by block,
+    every SimulationConfig field) and ``truth/README.md``; returns their paths (config, readme)."""
+    summary = {"seed": int(seed), "n_donors": int(n_donors), "n_cells": int(n_cells),
+               "n_genes": int(cfg.n_genes), "n_snps": int(n_snps), "n_proteins": int(cfg.n_proteins)}
+    if streamed:
+        summary["streamed"] = True
+    summary["config"] = cfg.to_dict()
+    paths = {"config": truth_dir / "config.json", "readme": truth_dir / "README.md"}
+    paths["config"].write_text(json.dumps(summary, indent=2) + "\n")
+    paths["readme"].write_text(_readme(cfg, int(seed), n_cells=n_cells, n_donors=n_donors, n_snps=n_snps,
+                                       n_effects=n_effects))
+    return paths
 
 
 def write_simulation(sim: SimulatedData, out_dir) -> dict[str, Path]:
@@ -678,13 +823,17 @@ def write_simulation(sim: SimulatedData, out_dir) -> dict[str, Path]:
         simulated dosages);
         truth/effects.tsv, D.tsv, V.tsv, A.tsv, W_C.tsv, W_DxC.tsv, W_V.tsv, genes.tsv,
         cell_state.tsv, config.json, README.md (and the *_prot.tsv files with proteins).
-    """
-    from bed_reader import to_bed
 
+    Files of these names in ``out_dir`` are replaced; nothing else is checked or removed, so the
+    outputs of an earlier simulation with other options (``expression.h5mu`` of a run with
+    proteins beside a new ``expression.h5ad``) stay. Call :func:`prepare_simulation_dir` first
+    to refuse a folder that holds a simulation, or with ``overwrite=True`` to remove its files
+    (what ``pyro-livi simulate`` does). :func:`write_simulation_streaming` writes the same
+    files (RNA only) block by block.
+    """
     out = Path(out_dir)
     truth_dir = out / "truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
-    t = sim.truth
     cfg = sim.config
     paths: dict[str, Path] = {}
 
@@ -698,64 +847,153 @@ def write_simulation(sim: SimulatedData, out_dir) -> dict[str, Path]:
         paths["expression"] = out / "expression.h5ad"
         sim.adata.write_h5ad(paths["expression"], compression="gzip")
 
-    snps = sim.snps
-    paths["bed"] = out / "genotypes.bed"
-    paths["bim"] = out / "genotypes.bim"
-    paths["fam"] = out / "genotypes.fam"
-    to_bed(paths["bed"], _bed_values(sim.genotypes), properties={
-        "fid": list(sim.donors), "iid": list(sim.donors),
-        "sid": snps["snp"].astype(str).tolist(),
-        "chromosome": snps["chrom"].astype(str).tolist(),
-        "bp_position": snps["pos"].astype(np.int64).tolist(),
-        "allele_1": snps["a1"].astype(str).tolist(),
-        "allele_2": snps["a2"].astype(str).tolist(),
-    }, count_A1=True, num_threads=1)
-
-    genes = sim.adata.var_names.tolist()
-    d_cols = [f"D_{j}" for j in range(cfg.k_dxc)]
-    v_cols = [f"V_{j}" for j in range(cfg.k_v)]
-    c_rows = [f"c_{k}" for k in range(cfg.k_c)]
-    tables = {
-        "effects": t["effects"].drop(columns="snp_index"),
-        "D": pd.DataFrame(t["D"], index=pd.Index(sim.donors, name="donor"), columns=d_cols),
-        "V": pd.DataFrame(t["V"], index=pd.Index(sim.donors, name="donor"), columns=v_cols),
-        "A": pd.DataFrame(t["A"], index=pd.Index(c_rows, name="cell_state"), columns=d_cols),
-        "W_C": pd.DataFrame(t["W_C"], index=pd.Index(c_rows, name="factor"), columns=genes),
-        "W_DxC": pd.DataFrame(t["W_DxC"], index=pd.Index(d_cols, name="factor"), columns=genes),
-        "W_V": pd.DataFrame(t["W_V"], index=pd.Index(v_cols, name="factor"), columns=genes),
-        "genes": pd.DataFrame({"baseline": t["b"], "theta": t["theta"]},
-                              index=pd.Index(genes, name="gene")),
-        "cell_state": pd.DataFrame(t["c"], index=pd.Index(sim.adata.obs_names, name="cell"),
-                                   columns=c_rows),
-    }
-    if sim.mdata is not None:
-        prots = sim.mdata.mod["prot"].var_names.tolist()
-        tables.update({
-            "W_C_prot": pd.DataFrame(t["W_C_prot"], index=pd.Index(c_rows, name="factor"),
-                                     columns=prots),
-            "W_DxC_prot": pd.DataFrame(t["W_DxC_prot"], index=pd.Index(d_cols, name="factor"),
-                                       columns=prots),
-            "W_V_prot": pd.DataFrame(t["W_V_prot"], index=pd.Index(v_cols, name="factor"),
-                                     columns=prots),
-            "proteins": pd.DataFrame({"baseline": t["b_prot"], "theta": t["theta_prot"]},
-                                     index=pd.Index(prots, name="protein")),
-        })
-    for name, frame in tables.items():
-        paths[name] = truth_dir / f"{name}.tsv"
-        frame.to_csv(paths[name], sep="\t", index=name != "effects")
-
-    paths["config"] = truth_dir / "config.json"
-    paths["config"].write_text(json.dumps({
-        "seed": sim.seed, "n_donors": len(sim.donors), "n_cells": int(sim.adata.n_obs),
-        "n_genes": int(sim.adata.n_vars), "n_snps": int(sim.genotypes.shape[1]),
-        "n_proteins": int(cfg.n_proteins), "config": cfg.to_dict()}, indent=2) + "\n")
-    paths["readme"] = truth_dir / "README.md"
-    paths["readme"].write_text(_readme(sim, tables))
+    proteins = sim.mdata.mod["prot"].var_names.tolist() if sim.mdata is not None else None
+    written, n_effects = _write_population(out, cfg, sim.truth, sim.genotypes, sim.donors, sim.snps,
+                                           sim.adata.var_names.tolist(), proteins)
+    paths.update(written)
+    paths["cell_state"] = truth_dir / "cell_state.tsv"
+    _write_cell_state(paths["cell_state"], sim.truth["c"], 0, int(sim.adata.n_obs))
+    paths.update(_write_summary(truth_dir, cfg, sim.seed, n_cells=int(sim.adata.n_obs), n_donors=len(sim.donors),
+                                n_snps=int(sim.genotypes.shape[1]), n_effects=n_effects, streamed=False))
     return paths
 
 
 #: HDF5 chunk (values) of the count arrays written by :func:`write_h5ad_streaming`: 1 MiB of int32.
 _H5_CHUNK_VALUES = 1 << 18
+
+
+@dataclass
+class _StreamPlan:
+    """What :func:`simulate` draws before the cells, for the block-by-block writers: the genetics
+    (from :func:`_genetics`), the RNA decoder, the cell counts per donor and the three copies of
+    the cells stream that give each block its cell types, cell-state noise and library sizes."""
+
+    cfg: SimulationConfig
+    seed: int
+    genotypes: np.ndarray
+    donors: list[str]
+    snps: pd.DataFrame
+    truth: dict[str, Any]          # effects, D, V, A, W_C, W_DxC, W_V, b, theta
+    first_cell: np.ndarray         # (n_donors + 1,) index of each donor's first cell, then n_cells
+    props: np.ndarray              # (T,) cell-type probabilities
+    centroids: np.ndarray          # (T, K_C)
+    noise_sd: np.ndarray           # (K_C,)
+    rngs: dict[str, np.random.Generator]  # type, state, library, counts
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.first_cell[-1])
+
+    def blocks(self):
+        """Yield ``(start, types, c, library, donor, counts)`` for each block of
+        :data:`_CHUNK_CELLS` cells, in order: the values :func:`simulate` draws for cells
+        ``start..start+m-1`` (types (m,) int, c (m, K_C), library (m,), donor (m,) donor index,
+        counts int32 CSR (m, G) with int64 ``indptr``)."""
+        cfg, t, r = self.cfg, self.truth, self.rngs
+        n_types = cfg.n_cell_types
+        for start in range(0, self.n_cells, _CHUNK_CELLS):
+            m = min(_CHUNK_CELLS, self.n_cells - start)
+            types = r["type"].choice(n_types, size=m, p=self.props)
+            c = self.centroids[types] + r["state"].normal(size=(m, cfg.k_c)) * self.noise_sd
+            library = np.exp(np.log(cfg.median_library) + cfg.library_sigma * r["library"].normal(size=m))
+            donor = np.searchsorted(self.first_cell, np.arange(start, start + m), side="right") - 1
+            probs = _softmax(c)
+            z = (probs @ t["A"]) * t["D"][donor]
+            logits = t["b"] + probs @ t["W_C"] + z @ t["W_DxC"] + t["V"][donor] @ t["W_V"]
+            mu = _softmax(logits) * library[:, None]
+            counts = sp.csr_matrix(_gamma_poisson(r["counts"], mu, t["theta"]).astype(np.int32))
+            counts.indptr = counts.indptr.astype(np.int64)
+            yield start, types, c, library, donor, counts
+
+
+def _stream_plan(cfg: SimulationConfig, seed: int) -> _StreamPlan:
+    """Draw what comes before the cells, consuming every random stream as :func:`simulate` does.
+
+    The cells stream draws all cell types, then the centroids, then all cell-state noise, then
+    all library sizes; three copies of that generator, advanced to where each part starts, give
+    every block its values (the block size is fixed, :data:`_CHUNK_CELLS`).
+    """
+    import copy
+
+    cfg.validate(streamed=True)
+    streams = _streams(seed)
+    geno, donors, snps, D, V, effects = _genetics(cfg, streams, None, None, None)
+    rng = streams["cells"]
+    n_types = cfg.n_cell_types
+    n_cells_y = _cells_per_donor(cfg, rng, len(donors))
+    first_cell = np.concatenate([[0], np.cumsum(n_cells_y)])
+    n_cells = int(first_cell[-1])
+    props = (np.full(n_types, 1.0 / n_types) if cfg.cell_type_proportions is None
+             else np.asarray(cfg.cell_type_proportions, float))
+    props = props / props.sum()
+    sizes = [min(_CHUNK_CELLS, n_cells - s0) for s0 in range(0, n_cells, _CHUNK_CELLS)]
+    rng_type = copy.deepcopy(rng)
+    for m in sizes:  # advance past every cell's type, block by block, as drawn by the blocks
+        rng.choice(n_types, size=m, p=props)
+    centroids = rng.normal(0.0, cfg.centroid_jitter, size=(n_types, cfg.k_c)) \
+        if cfg.centroid_jitter > 0 else np.zeros((n_types, cfg.k_c))
+    centroids[np.arange(n_types), np.arange(n_types)] += cfg.state_strength
+    noise_sd = np.where(np.arange(cfg.k_c) < n_types, cfg.sigma_c, cfg.sigma_c_continuous)
+    rng_state = copy.deepcopy(rng)
+    for m in sizes:  # advance past every cell's state noise
+        rng.normal(size=(m, cfg.k_c))
+    A = np.zeros((cfg.k_c, cfg.k_dxc))
+    A[np.arange(cfg.k_dxc) % n_types, np.arange(cfg.k_dxc)] = 1.0
+    b, W_C, W_DxC, W_V, theta = _rna_loadings(cfg, streams["loadings"])
+    truth = {"effects": effects, "D": D, "V": V, "A": A, "W_C": W_C, "W_DxC": W_DxC, "W_V": W_V,
+             "b": b, "theta": theta}
+    return _StreamPlan(cfg=cfg, seed=int(seed), genotypes=geno, donors=list(donors), snps=snps, truth=truth,
+                       first_cell=first_cell, props=props, centroids=centroids, noise_sd=noise_sd,
+                       rngs={"type": rng_type, "state": rng_state, "library": rng, "counts": streams["counts"]})
+
+
+def _write_streamed_h5ad(path: Path, plan: _StreamPlan, on_block=None) -> int:
+    """Write the counts of ``plan`` to the ``.h5ad`` ``path`` block by block (see
+    :func:`write_h5ad_streaming`); call ``on_block(start, c)`` with each block's first cell and
+    cell states. Returns the number of stored non-zero counts."""
+    import h5py
+    from anndata.io import sparse_dataset, write_elem
+
+    cfg = plan.cfg
+    G = cfg.n_genes
+    n_cells = plan.n_cells
+    type_names = [f"type_{t}" for t in range(cfg.n_cell_types)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nnz = 0
+    with h5py.File(path, "w") as f:
+        f.attrs["encoding-type"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+        write_elem(f, "var", pd.DataFrame(index=pd.Index(_names("gene_", G, 4))))
+        for key in ("layers", "obsm", "varm", "obsp", "varp"):
+            write_elem(f, key, {})
+        write_elem(f, "uns", {"simulation": {"seed": plan.seed, "config": json.dumps(cfg.to_dict())}})
+        X = None
+        for start, types, c, library, donor, counts in plan.blocks():
+            m = counts.shape[0]
+            nnz += int(counts.nnz)
+            if on_block is not None:
+                on_block(start, c)
+            obs = pd.DataFrame(
+                {"donor": pd.Categorical.from_codes(donor, categories=plan.donors),
+                 "cell_type": pd.Categorical.from_codes(types, categories=type_names),
+                 "true_library": library},
+                index=pd.Index(_names("cell_", n_cells, 5, start, start + m)))
+            if X is None:
+                write_elem(f, "X", counts, dataset_kwargs={"chunks": (_H5_CHUNK_VALUES,)})
+                write_elem(f, "obs", obs, dataset_kwargs={"maxshape": (None,), "chunks": (_CHUNK_CELLS,)})
+                X = sparse_dataset(f["X"])
+                continue
+            X.append(counts)
+            columns = {"_index": obs.index.to_numpy(dtype=object), "donor/codes": donor,
+                       "cell_type/codes": types, "true_library": library}
+            for name, values in columns.items():
+                ds = f["obs"][name]
+                ds.resize((start + m,))
+                ds[start:start + m] = np.asarray(values).astype(ds.dtype) if ds.dtype != object else values
+        if X is None:  # no cells: an empty, readable file
+            write_elem(f, "X", sp.csr_matrix((0, G), dtype=np.int32))
+            write_elem(f, "obs", pd.DataFrame({"donor": pd.Categorical([], categories=plan.donors)}))
+    return nnz
 
 
 def write_h5ad_streaming(path, config: SimulationConfig | None = None, *, seed: int = 0) -> dict[str, Any]:
@@ -773,11 +1011,9 @@ def write_h5ad_streaming(path, config: SimulationConfig | None = None, *, seed: 
     Same seed, same data: the counts, cell ids and ``.obs`` equal those of :func:`simulate` with
     the same config and seed (its ``.X``; the in-memory object also has layer ``counts``, a copy),
     because every random stream is consumed in the same order and the counts are drawn in the
-    same fixed blocks of cells. (The cells stream draws all cell types, then all cell-state noise,
-    then all library sizes; three copies of that generator, advanced to where each part starts,
-    give every block its values.) The block size is therefore fixed, not an option. Only the
-    expression is written: no genotypes or truth tables, and no protein modality (``n_proteins``
-    must be 0).
+    same fixed blocks of cells (see :func:`_stream_plan`). The block size is therefore fixed, not
+    an option. Only the expression is written; :func:`write_simulation_streaming` writes the
+    genotypes and the truth as well. No protein modality (``n_proteins`` must be 0).
 
     Parameters
     ----------
@@ -791,108 +1027,87 @@ def write_h5ad_streaming(path, config: SimulationConfig | None = None, *, seed: 
     Returns a dict: path, n_cells, n_genes, n_donors, nnz (stored non-zero counts), seed.
     Raises InputError for an invalid config or proteins.
     """
-    import copy
-
-    import h5py
-    from anndata.io import sparse_dataset, write_elem
-
     cfg = config if config is not None else SimulationConfig()
-    if cfg.n_proteins:
-        raise InputError("write_h5ad_streaming()", "n_proteins", f"is {cfg.n_proteins}; only RNA is "
-                         "written in blocks", "use n_proteins=0 (--n-proteins 0), or simulate() for proteins")
-    streams = _streams(seed)
-    _, donors, _, D, V, _ = _genetics(cfg, streams, None, None, None)
-    n_donors = len(donors)
-
-    rng = streams["cells"]
-    n_types = cfg.n_cell_types
-    n_cells_y = _cells_per_donor(cfg, rng, n_donors)
-    first_cell = np.concatenate([[0], np.cumsum(n_cells_y)])
-    n_cells = int(first_cell[-1])
-    props = (np.full(n_types, 1.0 / n_types) if cfg.cell_type_proportions is None
-             else np.asarray(cfg.cell_type_proportions, float))
-    props = props / props.sum()
-    blocks = [(s0, min(_CHUNK_CELLS, n_cells - s0)) for s0 in range(0, n_cells, _CHUNK_CELLS)]
-    rng_type = copy.deepcopy(rng)
-    for _, m in blocks:  # advance past every cell's type, block by block, as drawn below
-        rng.choice(n_types, size=m, p=props)
-    centroids = rng.normal(0.0, cfg.centroid_jitter, size=(n_types, cfg.k_c)) \
-        if cfg.centroid_jitter > 0 else np.zeros((n_types, cfg.k_c))
-    centroids[np.arange(n_types), np.arange(n_types)] += cfg.state_strength
-    noise_sd = np.where(np.arange(cfg.k_c) < n_types, cfg.sigma_c, cfg.sigma_c_continuous)
-    rng_state = copy.deepcopy(rng)
-    for _, m in blocks:  # advance past every cell's state noise
-        rng.normal(size=(m, cfg.k_c))
-    rng_library = rng
-
-    A = np.zeros((cfg.k_c, cfg.k_dxc))
-    A[np.arange(cfg.k_dxc) % n_types, np.arange(cfg.k_dxc)] = 1.0
-    b, W_C, W_DxC, W_V, theta = _rna_loadings(cfg, streams["loadings"])
-    rng_counts = streams["counts"]
-    G = cfg.n_genes
-    type_names = [f"type_{t}" for t in range(n_types)]
-    width = max(5, len(str(max(n_cells - 1, 0))))
-
+    plan = _stream_plan(cfg, seed)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nnz = 0
-    with h5py.File(path, "w") as f:
-        f.attrs["encoding-type"] = "anndata"
-        f.attrs["encoding-version"] = "0.1.0"
-        write_elem(f, "var", pd.DataFrame(index=pd.Index(_names("gene_", G, 4))))
-        for key in ("layers", "obsm", "varm", "obsp", "varp"):
-            write_elem(f, key, {})
-        write_elem(f, "uns", {"simulation": {"seed": int(seed), "config": json.dumps(cfg.to_dict())}})
-        X = None
-        for start, m in blocks:
-            types = rng_type.choice(n_types, size=m, p=props)
-            c = centroids[types] + rng_state.normal(size=(m, cfg.k_c)) * noise_sd
-            library = np.exp(np.log(cfg.median_library) + cfg.library_sigma * rng_library.normal(size=m))
-            donor = np.searchsorted(first_cell, np.arange(start, start + m), side="right") - 1
-            probs = _softmax(c)
-            z = (probs @ A) * D[donor]
-            logits = b + probs @ W_C + z @ W_DxC + V[donor] @ W_V
-            mu = _softmax(logits) * library[:, None]
-            counts = sp.csr_matrix(_gamma_poisson(rng_counts, mu, theta).astype(np.int32))
-            counts.indptr = counts.indptr.astype(np.int64)
-            nnz += int(counts.nnz)
-            obs = pd.DataFrame(
-                {"donor": pd.Categorical.from_codes(donor, categories=list(donors)),
-                 "cell_type": pd.Categorical.from_codes(types, categories=type_names),
-                 "true_library": library},
-                index=pd.Index([f"cell_{i:0{width}d}" for i in range(start, start + m)]))
-            if X is None:
-                write_elem(f, "X", counts, dataset_kwargs={"chunks": (_H5_CHUNK_VALUES,)})
-                write_elem(f, "obs", obs, dataset_kwargs={"maxshape": (None,), "chunks": (_CHUNK_CELLS,)})
-                X = sparse_dataset(f["X"])
-                continue
-            X.append(counts)
-            columns = {"_index": obs.index.to_numpy(dtype=object), "donor/codes": donor,
-                       "cell_type/codes": types, "true_library": library}
-            for name, values in columns.items():
-                ds = f["obs"][name]
-                ds.resize((start + m,))
-                ds[start:start + m] = np.asarray(values).astype(ds.dtype) if ds.dtype != object else values
-        if X is None:  # no cells: an empty, readable file
-            write_elem(f, "X", sp.csr_matrix((0, G), dtype=np.int32))
-            write_elem(f, "obs", pd.DataFrame({"donor": pd.Categorical([], categories=list(donors))}))
-    return {"path": path, "n_cells": n_cells, "n_genes": G, "n_donors": n_donors, "nnz": nnz,
-            "seed": int(seed)}
+    nnz = _write_streamed_h5ad(path, plan)
+    return {"path": path, "n_cells": plan.n_cells, "n_genes": cfg.n_genes, "n_donors": len(plan.donors),
+            "nnz": nnz, "seed": int(seed)}
 
 
-def _readme(sim: SimulatedData, tables: dict[str, pd.DataFrame]) -> str:
-    """Text of truth/README.md, with this dataset's shapes."""
-    cfg = sim.config
-    n, g, ny, ns = sim.adata.n_obs, sim.adata.n_vars, len(sim.donors), sim.genotypes.shape[1]
-    expr = "expression.h5mu" if sim.mdata is not None else "expression.h5ad"
+def write_simulation_streaming(out_dir, config: SimulationConfig | None = None, *,
+                               seed: int = 0) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Write everything :func:`write_simulation` writes for ``simulate(config, seed=seed)`` (RNA
+    only) without holding the cells: ``pyro-livi simulate --stream``.
+
+    Files (the same names, and the same contents, as :func:`write_simulation` for the same config
+    and seed):
+
+    - ``expression.h5ad``: the counts, written block by block as in :func:`write_h5ad_streaming`
+      (uncompressed, backed-friendly; ``.X`` only, no layer ``counts``).
+    - ``genotypes.bed/.bim/.fam`` and ``truth/effects.tsv``, ``D.tsv``, ``V.tsv``, ``A.tsv``,
+      ``W_C.tsv``, ``W_DxC.tsv``, ``W_V.tsv``, ``genes.tsv``: donor-, SNP- and gene-level, written
+      by the same code as :func:`write_simulation`.
+    - ``truth/cell_state.tsv``: (N, K_C) cell states, its rows appended block by block as the
+      cells are drawn.
+    - ``truth/config.json`` (with ``"streamed": true`` besides the fields of
+      :func:`write_simulation`'s) and ``truth/README.md`` (the same text).
+
+    Memory does not grow with the number of cells: a few blocks of :data:`_CHUNK_CELLS` cells x
+    G genes, plus the donor x SNP genotypes and the gene-level tables. Files of these names in
+    ``out_dir`` are replaced, nothing else is checked or removed (see
+    :func:`prepare_simulation_dir`).
+
+    Parameters
+    ----------
+    out_dir : str | Path
+        The folder (created when missing).
+    config : SimulationConfig
+        Default :class:`SimulationConfig()`; ``n_proteins`` must be 0.
+    seed : int
+
+    Returns ``(paths, info)``: the written paths by name (expression, bed, bim, fam, effects, D,
+    V, A, W_C, W_DxC, W_V, genes, cell_state, config, readme) and a dict n_cells, n_genes,
+    n_donors, n_snps, nnz (stored non-zero counts), seed, effects (the planted effects table).
+    Raises InputError for an invalid config or proteins.
+    """
+    cfg = config if config is not None else SimulationConfig()
+    plan = _stream_plan(cfg, seed)
+    out = Path(out_dir)
+    truth_dir = out / "truth"
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    paths, n_effects = _write_population(out, cfg, plan.truth, plan.genotypes, plan.donors, plan.snps,
+                                         _names("gene_", cfg.n_genes, 4))
+    paths["cell_state"] = truth_dir / "cell_state.tsv"
+    paths["expression"] = out / "expression.h5ad"
+    nnz = _write_streamed_h5ad(paths["expression"], plan,
+                               on_block=lambda start, c: _write_cell_state(paths["cell_state"], c, start,
+                                                                           plan.n_cells))
+    n_snps = int(plan.genotypes.shape[1])
+    paths.update(_write_summary(truth_dir, cfg, seed, n_cells=plan.n_cells, n_donors=len(plan.donors),
+                                n_snps=n_snps, n_effects=n_effects, streamed=True))
+    info = {"n_cells": plan.n_cells, "n_genes": cfg.n_genes, "n_donors": len(plan.donors), "n_snps": n_snps,
+            "nnz": nnz, "seed": int(seed), "effects": plan.truth["effects"].drop(columns="snp_index")}
+    return paths, info
+
+
+def _readme(cfg: SimulationConfig, seed: int, *, n_cells: int, n_donors: int, n_snps: int,
+            n_effects: int) -> str:
+    """Text of truth/README.md, with this dataset's shapes (the same for :func:`write_simulation`
+    and :func:`write_simulation_streaming`)."""
+    n, g, ny, ns = n_cells, cfg.n_genes, n_donors, n_snps
+    expr = "expression.h5mu" if cfg.n_proteins > 0 else "expression.h5ad"
+    stream, layer = ("", "and layer `counts`") if cfg.n_proteins > 0 else (
+        ", with or without `--stream` (which draws and writes the cells block by block; `\"streamed\": true` "
+        "in `config.json`)", "and, unless streamed, in layer `counts`")
     lines = [
         "# Simulated dataset: ground truth",
         "",
-        f"Drawn by `pyro_livi.simulate.simulate` with seed {sim.seed}: {n} cells, {g} genes, "
+        f"Drawn by `pyro_livi.simulate` with seed {seed}: {n} cells, {g} genes, "
         f"{ny} donors, {ns} SNPs, K_C = {cfg.k_c}, K_DxC = {cfg.k_dxc}, K_V = {cfg.k_v}, "
         f"{cfg.n_cell_types} cell types, {cfg.n_proteins} proteins. `config.json` holds every "
         "parameter; `pyro-livi simulate --config truth/config.json --seed "
-        f"{sim.seed} --out DIR` redraws the same data.",
+        f"{seed} --out DIR` redraws the same data{stream}.",
         "",
         "## Generative process",
         "",
@@ -913,12 +1128,12 @@ def _readme(sim: SimulatedData, tables: dict[str, pd.DataFrame]) -> str:
         "",
         "## Files",
         "",
-        f"- `../{expr}`: counts (int32 CSR in `.X` and layer `counts`), obs `donor`, "
-        "`cell_type`, `true_library` (L_i, expected total counts).",
+        f"- `../{expr}`: counts (int32 CSR in `.X` {layer}), obs `donor`, `cell_type`, "
+        "`true_library` (L_i, expected total counts).",
         "- `../genotypes.bed/.bim/.fam`: PLINK 1 genotypes, iid = fid = donor id, allele_1 = a1 "
         "(the counted allele). `bed_reader.open_bed(path).read()` (count_A1=True, the default) "
         "returns the dosages used here.",
-        f"- `effects.tsv`: {len(tables['effects'])} planted effects, one row per (factor, causal "
+        f"- `effects.tsv`: {n_effects} planted effects, one row per (factor, causal "
         "SNP): factor (D_j or V_j, a column of D.tsv / V.tsv), kind (D or V), snp, chrom, pos, "
         "beta (change of the factor per allele dosage of a1: the exact linear coefficient in the "
         "generating equation), beta_std (per genotype standard deviation), maf (minor allele "
@@ -940,7 +1155,7 @@ def _readme(sim: SimulatedData, tables: dict[str, pd.DataFrame]) -> str:
         f"- `cell_state.tsv`: ({n}, {cfg.k_c}) cell states c_i (before softmax), index cell.",
         "- `config.json`: seed, sizes and every SimulationConfig field.",
     ]
-    if sim.mdata is not None:
+    if cfg.n_proteins > 0:
         p = cfg.n_proteins
         lines += [
             f"- `W_C_prot.tsv` ({cfg.k_c}, {p}), `W_DxC_prot.tsv` ({cfg.k_dxc}, {p}), "

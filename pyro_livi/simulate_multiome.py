@@ -355,6 +355,10 @@ def write_multiome(sim: SimulatedMultiome, out_dir) -> dict[str, Path]:
       cell_type, program, background), ``open_type`` (the type a cell_type peak opens in),
       ``baseline_logit`` (c_p), ``linked_gene`` (empty when none).
     - ``truth/config.json`` (seed, sizes, every MultiomeConfig field) and ``truth/README.md``.
+
+    Files of these names in ``out_dir`` are replaced and nothing else is removed; call
+    :func:`pyro_livi.simulate.prepare_simulation_dir` first to refuse a folder that holds a
+    simulation, or to remove its files (what ``pyro-livi simulate --mode multiome`` does).
     """
     import mudata as md
 

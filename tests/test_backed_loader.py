@@ -206,42 +206,74 @@ def small_config(**kw):
 
 
 @pytest.mark.parametrize("vary", [True, False])
-def test_streamed_file_equals_the_in_memory_simulation(tmp_path, vary):
+def test_streamed_dataset_equals_the_in_memory_simulation(tmp_path, vary):
+    """write_simulation_streaming (and write_h5ad_streaming for the counts alone) write what
+    write_simulation writes for the same config and seed: counts, genotypes and every truth table."""
+    from bed_reader import open_bed
+
+    from pyro_livi.simulate import write_simulation, write_simulation_streaming
+
     cfg = small_config(vary_cells_per_donor=vary)
-    info = write_h5ad_streaming(tmp_path / "x.h5ad", cfg, seed=11)
+    paths, info = write_simulation_streaming(tmp_path / "streamed", cfg, seed=11)
+    counts_only = write_h5ad_streaming(tmp_path / "x.h5ad", cfg, seed=11)
     sim = simulate(cfg, seed=11)
-    assert info["n_cells"] == sim.adata.n_obs > 4096 * 2  # several blocks, the last one partial
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        streamed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")
-    assert streamed.shape == sim.adata.shape and info["nnz"] == sim.adata.X.nnz
-    assert isinstance(streamed.X, ad.abc.CSRDataset) and streamed.X.group["indptr"].dtype == np.int64
-    X = streamed.X[:]
-    assert X.dtype == np.int32 and (X != sim.adata.X).nnz == 0
-    pd.testing.assert_frame_equal(streamed.obs.copy(), sim.adata.obs)
-    assert streamed.var_names.equals(sim.adata.var_names)
-    assert json.loads(streamed.uns["simulation"]["config"]) == cfg.to_dict()
-    # and it is valid input for the LIVI data spec, backed
-    ds = read_dataset(tmp_path / "x.h5ad", SPEC, backed=True)
-    assert ds.backed and len(ds.donor_index) == cfg.n_donors
+    plain = write_simulation(sim, tmp_path / "plain")
+    assert info["n_cells"] == counts_only["n_cells"] == sim.adata.n_obs > 4096 * 2  # several blocks, the last partial
+    for path in (paths["expression"], counts_only["path"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            streamed = ad.read_h5ad(path, backed="r")
+        assert streamed.shape == sim.adata.shape and info["nnz"] == counts_only["nnz"] == sim.adata.X.nnz
+        assert isinstance(streamed.X, ad.abc.CSRDataset) and streamed.X.group["indptr"].dtype == np.int64
+        X = streamed.X[:]
+        assert X.dtype == np.int32 and (X != sim.adata.X).nnz == 0
+        pd.testing.assert_frame_equal(streamed.obs.copy(), sim.adata.obs)
+        assert streamed.var_names.equals(sim.adata.var_names)
+        assert json.loads(streamed.uns["simulation"]["config"]) == cfg.to_dict()
+        # and it is valid input for the LIVI data spec, backed
+        ds = read_dataset(path, SPEC, backed=True)
+        assert ds.backed and len(ds.donor_index) == cfg.n_donors
+    # the same files, and every truth table, the genotypes, README and config equal
+    assert {k: p.relative_to(tmp_path / "streamed") for k, p in paths.items()} == \
+        {k: p.relative_to(tmp_path / "plain") for k, p in plain.items()}
+    tables = [k for k, p in plain.items() if p.suffix == ".tsv"]
+    assert len(tables) == 9 and "cell_state" in tables
+    for name in tables:
+        pd.testing.assert_frame_equal(pd.read_csv(paths[name], sep="\t", index_col=None),
+                                      pd.read_csv(plain[name], sep="\t", index_col=None), obj=name)
+    with open_bed(paths["bed"], num_threads=1) as a, open_bed(plain["bed"], num_threads=1) as b:
+        np.testing.assert_array_equal(a.read(dtype="int8"), b.read(dtype="int8"))
+        for field in ("iid", "fid", "sid", "chromosome", "bp_position", "allele_1", "allele_2"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    assert paths["readme"].read_text() == plain["readme"].read_text()
+    summary = json.loads(paths["config"].read_text())
+    assert summary.pop("streamed") is True and summary == json.loads(plain["config"].read_text())
 
 
 def test_streaming_memory_does_not_grow_with_cells(tmp_path):
+    """The whole streamed dataset (counts, genotypes, truth with cell_state.tsv) in flat memory."""
+    from pyro_livi.simulate import write_simulation_streaming
+
     peaks = []
-    write_h5ad_streaming(tmp_path / "warm.h5ad", small_config(cells_per_donor=10.0))  # one-off imports
+    write_simulation_streaming(tmp_path / "warm", small_config(cells_per_donor=10.0))  # one-off imports
     for per_donor in (700.0, 5600.0):  # 4,200 and 33,600 cells: 2 and 9 blocks
         cfg = small_config(cells_per_donor=per_donor, vary_cells_per_donor=False)
         tracemalloc.start()
-        write_h5ad_streaming(tmp_path / f"m{per_donor}.h5ad", cfg, seed=0)
+        write_simulation_streaming(tmp_path / f"m{per_donor}", cfg, seed=0)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
-    # 8x the cells: an in-memory simulation would hold 8x the counts; here the peak is one block
+    # 8x the cells: an in-memory simulation would hold 8x the counts and cell states; here the
+    # peak is one block
     assert peaks[1] < 1.3 * peaks[0], peaks
 
 
-def test_streaming_refuses_proteins(tmp_path):
-    with pytest.raises(InputError, match="n_proteins"):
-        write_h5ad_streaming(tmp_path / "p.h5ad", small_config(n_proteins=5))
+@pytest.mark.parametrize("writer", ["write_h5ad_streaming", "write_simulation_streaming"])
+def test_streaming_refuses_proteins(tmp_path, writer):
+    import pyro_livi.simulate as simulation
+
+    with pytest.raises(InputError, match="n_proteins.*--n-proteins 0"):
+        getattr(simulation, writer)(tmp_path / "p", small_config(n_proteins=5))
+    assert not (tmp_path / "p").exists()  # refused before writing anything
 
 
 # ------------------------------------------------------------------------------ fit, backed
@@ -284,6 +316,7 @@ def test_cli_simulate_stream_then_fit_backed(tmp_path, one_torch_thread):
     assert main(["simulate", "--stream", "--out", str(sim), "--seed", "4", "--n-donors", "8",
                  "--cells-per-donor", "60", "--n-genes", "40", "--n-snps", "50"]) == 0
     assert json.loads((sim / "truth" / "config.json").read_text())["streamed"] is True
+    assert (sim / "genotypes.bed").is_file() and (sim / "truth" / "cell_state.tsv").is_file()
     run = tmp_path / "run"
     assert main(["fit", "--data", str(sim / "expression.h5ad"), "--donor-key", "donor", "--backed",
                  "--chunk-size", "16", "--buffer-batches", "2", "--batch-size", "64", "--epochs-vae", "1",

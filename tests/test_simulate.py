@@ -319,6 +319,10 @@ def test_protein_modality_written_as_mudata(tmp_path):
     assert (back["prot"].X != prot.X).nnz == 0
     assert back.obs["donor"].astype(str).tolist() == sim.adata.obs["donor"].astype(str).tolist()
     assert (tmp_path / "truth" / "W_C_prot.tsv").is_file()
+    # every file written is one the simulator knows as its own (what --overwrite removes)
+    from pyro_livi.simulate import simulation_outputs
+
+    assert {p for p in tmp_path.rglob("*") if p.is_file()} == set(simulation_outputs(tmp_path))
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -350,6 +354,61 @@ def test_cli_reports_bad_config(tmp_path, capsys):
 
     rc = main(["simulate", "--out", str(tmp_path), "--config", str(tmp_path / "none.json")])
     assert rc == 2 and "--config" in capsys.readouterr().err
+
+
+POPULATION_ARGS = ["--seed", "1", "--n-donors", "6", "--cells-per-donor", "5", "--n-genes", "20", "--n-snps", "30"]
+#: mode -> (arguments, a file it writes, files of an earlier simulation with other options)
+MODES = {
+    "population": (POPULATION_ARGS, "expression.h5ad", ["expression.h5mu", "truth/W_C_prot.tsv"]),
+    "stream": (["--stream", *POPULATION_ARGS], "expression.h5ad", ["expression.h5mu", "truth/links.tsv"]),
+    "multiome": (["--mode", "multiome", "--n-cells", "60", "--n-genes", "40", "--n-peaks", "200",
+                  "--n-cell-types", "2", "--n-regulators", "2"], "multiome.h5mu",
+                 ["expression.h5ad", "genotypes.bed", "truth/cell_state.tsv"]),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cli_refuses_a_simulation_folder_and_overwrite_removes_only_its_files(tmp_path, capsys, mode):
+    from pyro_livi.cli import main
+    from pyro_livi.simulate import simulation_outputs
+
+    args, written, stale = MODES[mode]
+    out = tmp_path / "sim"
+    (out / "truth").mkdir(parents=True)
+    for name in stale:
+        (out / name).write_text("an earlier simulation\n")
+    mine = {out / "notes.txt": "mine\n", out / "truth" / "notes.md": "mine too\n"}
+    for path, text in mine.items():
+        path.write_text(text)
+    assert main(["simulate", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(out) in err and "--overwrite" in err and "another --out" in err
+    assert all(name in err for name in stale)
+    assert not (out / written).exists() and all((out / name).is_file() for name in stale)  # nothing touched
+
+    assert main(["simulate", "--out", str(out), "--overwrite", *args]) == 0
+    assert (out / written).is_file() and (out / "truth" / "config.json").is_file()
+    assert not any((out / name).exists() for name in stale)
+    assert all(path.read_text() == text for path, text in mine.items())
+    # what it wrote is what it knows as its own (and would remove), and a second run is refused
+    assert {p for p in out.rglob("*") if p.is_file()} - set(mine) == set(simulation_outputs(out))
+    assert main(["simulate", "--out", str(out), *args]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_prepare_simulation_dir(tmp_path):
+    from pyro_livi.simulate import prepare_simulation_dir
+
+    assert prepare_simulation_dir(tmp_path / "new") == tmp_path / "new" and not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not a folder"):
+        prepare_simulation_dir(tmp_path / "file")
+    (tmp_path / "sim" / "truth").mkdir(parents=True)
+    (tmp_path / "sim" / "truth" / "D.tsv").write_text("x")
+    with pytest.raises(InputError, match="truth/D.tsv.*overwrite=True"):
+        prepare_simulation_dir(tmp_path / "sim")
+    prepare_simulation_dir(tmp_path / "sim", overwrite=True)
+    assert (tmp_path / "sim").is_dir() and not (tmp_path / "sim" / "truth").exists()  # emptied truth/ removed
 
 
 def test_demo_config_size():

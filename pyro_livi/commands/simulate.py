@@ -31,9 +31,14 @@ def register(subparsers) -> None:
         description="Draw cells, donors and genotypes from LIVI's generative process with known "
         "causal SNPs for the donor factors, and write expression (h5ad, or h5mu with proteins), "
         "PLINK genotypes and the truth (truth/README.md documents every file). With --mode multiome: "
-        "paired RNA + ATAC counts with planted cell types and gene -> peak links.",
+        "paired RNA + ATAC counts with planted cell types and gene -> peak links. A folder that "
+        "already holds a simulation's files is refused unless --overwrite is given.",
     )
     p.add_argument("--out", required=True, type=Path, help="output folder (created when missing)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="when --out already holds a simulation's files (expression.h5ad/.h5mu, multiome.h5mu, "
+                   "genotypes.bed/.bim/.fam, the truth/ files), remove them first (only those; other files "
+                   "stay) instead of refusing")
     p.add_argument("--seed", type=int, default=0, help="random seed (an integer)")
     p.add_argument("--config", default="demo",
                    help="'demo' (the built-in demo size: 120 donors x ~40 cells, 500 genes, "
@@ -47,10 +52,11 @@ def register(subparsers) -> None:
     p.add_argument("--h2-d", type=float, help="fraction of the variance of each D factor explained by its SNP, 0..1 (default: from --config)")
     p.add_argument("--h2-v", type=float, help="fraction of the variance of each V factor explained by its SNP, 0..1 (default: from --config)")
     p.add_argument("--stream", action="store_true",
-                   help="write only OUT/expression.h5ad (RNA counts, uncompressed CSR, backed-friendly) and "
-                   "OUT/truth/config.json, drawing and writing 4,096 cells at a time so that memory does not grow "
-                   "with the cells: for millions of cells. The counts equal those written without --stream for "
-                   "the same config and seed; no genotypes or truth tables, no proteins")
+                   help="draw and write 4,096 cells at a time so that memory does not grow with the cells: for "
+                   "millions of cells. Writes the same files as without --stream (OUT/expression.h5ad: RNA counts, "
+                   "uncompressed CSR, backed-friendly, no layer 'counts'; genotypes.bed/.bim/.fam; truth/, its "
+                   "cell_state.tsv appended block by block), equal to those for the same config and seed; RNA "
+                   "only (--n-proteins 0)")
     multi = p.add_argument_group(
         "--mode multiome", "paired RNA + ATAC counts with planted cell types and gene -> peak links: writes "
         "OUT/multiome.h5mu and OUT/truth/ (links.tsv, cell_types.tsv, genes.tsv, peaks.tsv, config.json, "
@@ -112,6 +118,7 @@ def load_multiome_config(spec: str):
 
 def run_multiome(args: argparse.Namespace) -> int:
     """``--mode multiome``: draw and write paired RNA + ATAC data with its truth."""
+    from pyro_livi.simulate import prepare_simulation_dir
     from pyro_livi.simulate_multiome import simulate_multiome, write_multiome
 
     population_only = [f"--{flag.replace('_', '-')}" for flag in _OVERRIDES
@@ -125,6 +132,7 @@ def run_multiome(args: argparse.Namespace) -> int:
         changes = {field: getattr(args, flag) for flag, field in _MULTIOME_OVERRIDES.items()
                    if getattr(args, flag) is not None}
         cfg = dataclasses.replace(cfg, **changes)
+        prepare_simulation_dir(args.out, overwrite=args.overwrite)
         sim = simulate_multiome(cfg, seed=args.seed)
         paths = write_multiome(sim, args.out)
     except InputError as err:
@@ -139,24 +147,30 @@ def run_multiome(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_stream(cfg, args: argparse.Namespace) -> int:
-    """``--stream``: the RNA counts written block by block (:func:`pyro_livi.simulate.write_h5ad_streaming`)."""
-    from pyro_livi.simulate import write_h5ad_streaming
+def _print_written(cfg, effects, paths: dict) -> None:
+    """The planted effects and the written paths of a population simulation."""
+    print(f"planted {int((effects['kind'] == 'D').sum())} D-SNP effects (h2_D {cfg.h2_d}) and "
+          f"{int((effects['kind'] == 'V').sum())} V-SNP effects (h2_V {cfg.h2_v})")
+    print(f"expression: {paths['expression']}")
+    print(f"genotypes:  {paths['bed'].with_suffix('')}.{{bed,bim,fam}}")
+    print(f"truth:      {paths['readme'].parent} (see README.md)")
 
-    info = write_h5ad_streaming(Path(args.out) / "expression.h5ad", cfg, seed=args.seed)
-    truth = Path(args.out) / "truth"
-    truth.mkdir(parents=True, exist_ok=True)
-    (truth / "config.json").write_text(json.dumps({
-        "seed": args.seed, "n_donors": info["n_donors"], "n_cells": info["n_cells"], "n_genes": info["n_genes"],
-        "n_proteins": 0, "streamed": True, "config": cfg.to_dict()}, indent=2) + "\n")
-    print(f"simulated {info['n_cells']} cells x {info['n_genes']} genes, {info['n_donors']} donors (seed "
-          f"{args.seed}), {info['nnz'] / max(1, info['n_cells'] * info['n_genes']):.3f} non-zero")
-    print(f"expression: {info['path']}")
+
+def run_stream(cfg, args: argparse.Namespace) -> int:
+    """``--stream``: the whole dataset, its cells drawn and written block by block
+    (:func:`pyro_livi.simulate.write_simulation_streaming`)."""
+    from pyro_livi.simulate import write_simulation_streaming
+
+    paths, info = write_simulation_streaming(args.out, cfg, seed=args.seed)
+    print(f"simulated {info['n_cells']} cells x {info['n_genes']} genes, {info['n_donors']} donors, "
+          f"{info['n_snps']} SNPs (seed {args.seed}, streamed), "
+          f"{info['nnz'] / max(1, info['n_cells'] * info['n_genes']):.3f} non-zero")
+    _print_written(cfg, info["effects"], paths)
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    from pyro_livi.simulate import simulate, write_simulation
+    from pyro_livi.simulate import prepare_simulation_dir, simulate, write_simulation
 
     if args.mode == "multiome":
         if args.stream:
@@ -174,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
         changes = {field: getattr(args, flag) for flag, field in _OVERRIDES.items()
                    if getattr(args, flag) is not None}
         cfg = dataclasses.replace(cfg, **changes)
+        cfg.validate(streamed=args.stream)
+        prepare_simulation_dir(args.out, overwrite=args.overwrite)
         if args.stream:
             return run_stream(cfg, args)
         sim = simulate(cfg, seed=args.seed)
@@ -181,13 +197,8 @@ def run(args: argparse.Namespace) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    eff = sim.truth["effects"]
     print(f"simulated {sim.adata.n_obs} cells x {sim.adata.n_vars} genes"
           + (f" + {cfg.n_proteins} proteins" if cfg.n_proteins else "")
           + f", {len(sim.donors)} donors, {sim.genotypes.shape[1]} SNPs (seed {args.seed})")
-    print(f"planted {int((eff['kind'] == 'D').sum())} D-SNP effects (h2_D {cfg.h2_d}) and "
-          f"{int((eff['kind'] == 'V').sum())} V-SNP effects (h2_V {cfg.h2_v})")
-    print(f"expression: {paths['expression']}")
-    print(f"genotypes:  {paths['bed'].with_suffix('')}.{{bed,bim,fam}}")
-    print(f"truth:      {paths['readme'].parent} (see README.md)")
+    _print_written(cfg, sim.truth["effects"], paths)
     return 0
