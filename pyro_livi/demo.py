@@ -16,10 +16,15 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
-from .analysis.associate_run import run_associate
+from .analysis.associate_run import output_paths, run_associate
 from .analysis.figures import plot_umap
+from .errors import InputError
 from .run import fit
-from .simulate import SimulationConfig, simulate, write_simulation
+from .rundir import run_outputs
+from .simulate import SimulationConfig, prepare_simulation_dir, simulate, simulation_outputs, write_simulation
+
+#: Files of the demo itself, beside its simulation/, run/ and association outputs.
+DEMO_FILES = ("summary.md", "summary.json", "umap_cell_state.png")
 
 
 @dataclass
@@ -110,14 +115,39 @@ def score_recovery(results: pd.DataFrame, effects: pd.DataFrame) -> dict:
     return recovery
 
 
+def demo_outputs(out: str | Path) -> list[Path]:
+    """The files in ``out`` that a demo wrote (:data:`DEMO_FILES`, the association outputs, the
+    simulation's and the run's files); other files are never listed."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    own = [out / name for name in DEMO_FILES] + list(output_paths(out / "associations.tsv").values())
+    return ([p for p in own if p.is_file()] + simulation_outputs(out / "simulation")
+            + run_outputs(out / "run"))
+
+
 def run_demo(out: str | Path, *, seed: int = 0, config: SimulationConfig | None = None,
-             settings: DemoSettings | None = None, progress: bool = True, quick: bool = False) -> dict:
+             settings: DemoSettings | None = None, progress: bool = True, quick: bool = False,
+             overwrite: bool = False) -> dict:
     """Run the whole job into ``out``; returns the recovery figures (also in ``summary.md``).
 
     ``quick``: the smaller population and model of :meth:`SimulationConfig.quick` and
-    :meth:`DemoSettings.quick` (for ``config`` / ``settings`` not given)."""
+    :meth:`DemoSettings.quick` (for ``config`` / ``settings`` not given).
+
+    Raises InputError (field ``--out``) when ``out`` is a file, or holds an earlier demo's
+    outputs (:func:`demo_outputs`) and not ``overwrite`` (``--overwrite``), which replaces them
+    (only those)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "--out", "is a file", "give a folder for the demo's outputs (--out)")
+    earlier = demo_outputs(out)
+    if earlier and not overwrite:
+        shown = ", ".join(str(p.relative_to(out)) for p in earlier[:5])
+        raise InputError(out, "--out", f"holds the outputs of an earlier demo ({shown}"
+                         + (f" and {len(earlier) - 5} more)" if len(earlier) > 5 else ")"),
+                         "add --overwrite (overwrite=True) to replace them, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    prepare_simulation_dir(out / "simulation", overwrite=True)
     config = config or (SimulationConfig.quick() if quick else SimulationConfig.demo())
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     say = print if progress else (lambda *a, **k: None)
@@ -138,7 +168,7 @@ def run_demo(out: str | Path, *, seed: int = 0, config: SimulationConfig | None 
 
     say("[3/4] testing every donor factor against every SNP (linear mixed model)")
     results, report = run_associate(out / "run", files["bed"].with_suffix(""), out=out / "associations.tsv",
-                                    fdr=settings.fdr, progress=progress)
+                                    fdr=settings.fdr, progress=progress, overwrite=True)
 
     say("[4/4] UMAP of the cell state and summary")
     cell_state = result.tables["cell_state"].to_numpy()

@@ -156,9 +156,17 @@ def _check_same_settings(out: Path, checkpoint: Path, run_info: dict) -> None:
             "start a new run with these settings: --overwrite (overwrite=True) or another --out (out=)")
 
 
+def fitted_data_fingerprint(out: str | Path) -> dict | None:
+    """The :func:`data_fingerprint` of the data a run in ``out`` was trained on, from its
+    checkpoint; None when the run has no checkpoint (or one from before fingerprints)."""
+    checkpoint = Path(out) / CHECKPOINT_DIR / CHECKPOINT_NAME
+    if not checkpoint.is_file():
+        return None
+    return (read_checkpoint(checkpoint).get("run") or {}).get("data_fingerprint")
+
+
 def check_same_data(out: Path, run_info: dict) -> None:
-    checkpoint = out / CHECKPOINT_DIR / CHECKPOINT_NAME
-    stored = (read_checkpoint(checkpoint).get("run") or {}).get("data_fingerprint")
+    stored = fitted_data_fingerprint(out)
     now = run_info["data_fingerprint"]
     if stored and stored != now:
         raise RunDirectoryError(

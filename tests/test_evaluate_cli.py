@@ -106,3 +106,25 @@ def test_evaluate_a_donor_free_run_scores_reconstruction_on_its_validation_cells
     metrics = pd.read_csv(out / "metrics.tsv", sep="\t")
     n_cells = metrics[(metrics.section == "reconstruction") & (metrics.metric == "n_cells")]["value"]
     assert list(n_cells) == [20]
+
+
+def test_evaluate_on_other_data_says_so(fitted, tmp_path, capsys):
+    """Data other than the fitted data (another draw, same genes and donors): evaluate warns and
+    the report says so, instead of calling every cell a training cell."""
+    root, data, run = fitted
+    config = SimulationConfig(n_donors=8, cells_per_donor=20, vary_cells_per_donor=False, n_snps=20,
+                              n_genes=60, k_c=4, k_dxc=2, k_v=1, n_cell_types=3)
+    simulate(config, seed=3).adata.write_h5ad(tmp_path / "other.h5ad")
+    out = tmp_path / "eval_other"
+    assert main(["evaluate", "--run", str(run), "--data", str(tmp_path / "other.h5ad"), "--no-umap",
+                 "--ppc-cells", "40", "--ppc-samples", "3", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "--data differs from the data the run was fitted on (160 cells" in err and "200 cells" in err
+    report = (out / "report.md").read_text()
+    assert "training cells included" not in report
+    assert "which of them the model trained on is unknown" in report and "differs from the data" in report
+    same = root / "eval_same"
+    assert main(["evaluate", "--run", str(run), "--data", str(data), "--no-umap", "--ppc-cells", "40",
+                 "--ppc-samples", "3", "--out", str(same)]) == 0
+    assert "differs" not in capsys.readouterr().err
+    assert "training cells included" in (same / "report.md").read_text()

@@ -154,14 +154,41 @@ def output_paths(out) -> dict[str, Path]:
             "qq": Path(f"{stem}_qq.png"), "report": Path(f"{stem}_report.json")}
 
 
+def prepare_outputs(out, *, overwrite: bool = False) -> dict[str, Path]:
+    """:func:`output_paths` of ``out``, checked before any work: its folder is created when
+    missing. Raises InputError (field ``--out``) when ``out`` is a folder, when a folder above it
+    is a file, and when any of the files already exists and not ``overwrite`` (``--overwrite``),
+    so that earlier results are never replaced silently."""
+    paths = output_paths(out)
+    results = paths["results"]
+    if results.is_dir():
+        raise InputError(results, "--out", "is a folder; it names the results table (a file)",
+                         f"give a file name, e.g. --out {results / 'associations.tsv'}")
+    blocked = next((p for p in results.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise InputError(results, "--out", f"cannot be written: {blocked} is a file, not a folder",
+                         "choose an --out whose folders are folders")
+    existing = [p for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise InputError(results, "--out", "holds the results of an earlier association ("
+                         + ", ".join(p.name for p in existing) + ")",
+                         "add --overwrite (overwrite=True) to replace them, or choose another --out")
+    try:
+        results.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(results, "--out", f"cannot create the output folder ({err.strerror})",
+                         "choose another --out") from err
+    return paths
+
+
 def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
                   dosage_orientation: str | None = "auto", duplicate_snps: str = "auto",
                   kinship=None, covariates=None, fdr: float = 0.05, fdr_method: str = "bh",
                   factors: Literal["D", "V", "all"] = "all", inverse_normal: bool = False,
                   maf: float = 0.05, loco: bool | None = None, chunk_size: int = 5000,
                   pvalue_method: str = "auto", allow_partial_donor_match: bool = False,
-                  progress: bool = True, plots: bool = True,
-                  dask_scheduler=None) -> tuple[pd.DataFrame, dict]:
+                  progress: bool = True, plots: bool = True, dask_scheduler=None,
+                  overwrite: bool = False) -> tuple[pd.DataFrame, dict]:
     """Test a run's donor factors against genotypes and write results, plots and report.
 
     Parameters
@@ -177,7 +204,8 @@ def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
         report's ``genotype_reader.notes``).
     out : path
         Results TSV; plots and report are written beside it (:func:`output_paths`); its
-        folder is created when missing.
+        folder is created when missing. Checked before the scan (:func:`prepare_outputs`):
+        earlier results there are refused unless ``overwrite``.
     kinship : path or "identity", optional
         Donor x donor kinship table, or ``"identity"`` for unrelated donors; default
         computed from the genotypes.
@@ -190,7 +218,7 @@ def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
 
     Returns the results table and the report (also written as JSON).
     """
-    paths = output_paths(out)
+    paths = prepare_outputs(out, overwrite=overwrite)
     table, used = read_run_factors(run_dir, factors)
     if is_plink(genotypes):
         if dosage_orientation not in (None, "auto"):
@@ -202,13 +230,6 @@ def run_associate(run_dir, genotypes, *, out, variant_count: int | None = None,
         geno = open_genotypes(genotypes, variant_count=variant_count,
                               duplicate_snps=duplicate_snps, orientation=dosage_orientation,
                               donors=list(table.index))
-    parent = paths["results"].parent
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise InputError(paths["results"], "out", f"cannot create the output folder "
-                             f"({err.strerror})", "choose another --out") from err
     try:
         K = (read_kinship(kinship) if kinship is not None and str(kinship) != "identity"
              else kinship)

@@ -100,7 +100,8 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
     ppc_cells, ppc_samples : cells (a seeded random subset) and replicates of the posterior
         predictive checks.
     umap : draw UMAPs (the slowest step).
-    context : extra facts shown at the top of the report (e.g. the run directory).
+    context : extra facts shown at the top of the report (e.g. the run directory); a
+        ``"reconstruction cells"`` entry replaces the report's own description of those cells.
     progress : print a line when each step starts and its time when it ends (stderr), so that
         long steps (graph metrics, predictive checks, UMAPs) are not silent.
     """
@@ -218,9 +219,9 @@ def evaluate(model, dataset, out, *, label_keys=(), donor_key: str | None = None
     if labels[0] not in dataset.obs.columns:
         context = {**(context or {}), "labels": f"none given; `{labels[0]}` is the Leiden clustering "
                    f"(resolution 1) of the {baseline} baseline's kNN graph, which favours that baseline"}
-    context = {**(context or {}), "reconstruction cells": (
+    context = {"reconstruction cells": (
         f"{len(heldout)} validation cells the model did not train on" if heldout is not None else
-        "every evaluated cell, training cells included (the run has no validation split)")}
+        "every evaluated cell, training cells included (the run has no validation split)"), **(context or {})}
     context = {"cells evaluated": dataset.n_cells,
                "donors": "none" if donors is None else int(np.unique(donors).size),
                "features": ", ".join(f"{m}: {g}" for m, g in dataset.n_features.items()),

@@ -84,6 +84,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="RESULTS.tsv",
                    help="results table (its folder is created when missing)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results, plots and report of an earlier run at --out (refused without it)")
     p.set_defaults(func=run)
     return p
 
@@ -148,7 +150,7 @@ def run(args) -> int:
             chunk_size=args.chunk_size, pvalue_method=args.pvalue_method,
             allow_partial_donor_match=args.allow_partial_donor_match,
             progress=not args.quiet, plots=not args.no_plots,
-            dask_scheduler=args.dask_scheduler)
+            dask_scheduler=args.dask_scheduler, overwrite=args.overwrite)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -16,11 +16,13 @@ def register(subparsers) -> None:
                    help="a smaller population (80 donors, ~2,000 cells, 200 genes, 500 SNPs) and model "
                    "for a first look in well under a minute")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier demo in --out (refused without it; other files stay)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..demo import run_demo
 
-    run_demo(args.out, seed=args.seed, progress=not args.quiet, quick=args.quick)
+    run_demo(args.out, seed=args.seed, progress=not args.quiet, quick=args.quick, overwrite=args.overwrite)
     return 0

@@ -55,12 +55,15 @@ def load_run(run_dir, data, *, donor_key: str | None = None, label_keys=None):
     The data are read with the run's modalities and layers, its donor index (when it has
     donors) and covariate categories; ``label_keys`` (default: the run's) are kept in
     ``dataset.obs``. ``meta["validation_cells"]`` holds the ids of the run's validation cells
-    when it has a split (``split.tsv``).
+    when it has a split (``split.tsv``); ``meta["data_differs"]`` describes how the data differ
+    from those the run was fitted on (cell and feature counts, ids hash: :func:`~pyro_livi.rundir.
+    data_fingerprint`), None when they are the same or the run has no checkpoint to tell.
     """
     import pandas as pd
 
     from ..data import DatasetSpec, read_dataset
     from ..persistence import MODEL_FILE, load_model
+    from ..rundir import data_fingerprint, fitted_data_fingerprint
     from ..run import SPLIT_FILE
 
     run_dir = Path(run_dir)
@@ -91,6 +94,11 @@ def load_run(run_dir, data, *, donor_key: str | None = None, label_keys=None):
                              f"{len(got)} features that differ from the {len(names)} the model "
                              "was fitted on",
                              "evaluate on data with the same features in the same order")
+    fitted = fitted_data_fingerprint(run_dir)
+    now = data_fingerprint(dataset)
+    meta["data_differs"] = None if fitted is None or fitted == now else (
+        f"{now['n_cells']} cells, features {now['n_features']}, ids hash {now['ids_sha256']} here; "
+        f"{fitted['n_cells']} cells, features {fitted['n_features']}, ids hash {fitted['ids_sha256']} fitted")
     history_path = run_dir / "history.tsv"
     history = pd.read_csv(history_path, sep="\t") if history_path.is_file() else None
     split_path = run_dir / SPLIT_FILE
@@ -115,13 +123,22 @@ def run(args) -> int:
             if args.n_cells < dataset.n_cells:
                 rng = np.random.default_rng(args.seed)
                 dataset = dataset.subset(np.sort(rng.choice(dataset.n_cells, args.n_cells, replace=False)))
+        context = {"run": str(args.run), "model": meta["model"]}
+        if meta["data_differs"]:
+            print(f"warning: --data differs from the data the run was fitted on ({meta['data_differs']}); "
+                  "held-out cells are matched by cell id, and cells the run did not hold out may or may not "
+                  "have been trained on", file=sys.stderr)
+            context["data"] = f"differs from the data the run was fitted on ({meta['data_differs']})"
+            if meta.get("validation_cells") is None:
+                context["reconstruction cells"] = ("every evaluated cell; the data differ from the fitted "
+                                                   "data, so which of them the model trained on is unknown")
         torch.manual_seed(args.seed)
         evaluation = evaluate(
             model, dataset, args.out, label_keys=dataset.spec.label_keys,
             donor_key=dataset.spec.donor_key, history=history, heldout_cells=meta.get("validation_cells"),
             n_pcs=args.n_pcs,
             ppc_cells=args.ppc_cells, ppc_samples=args.ppc_samples, umap=not args.no_umap,
-            seed=args.seed, context={"run": str(args.run), "model": meta["model"]})
+            seed=args.seed, context=context)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
