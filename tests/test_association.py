@@ -628,16 +628,16 @@ def test_cli_bad_input_message(tmp_path, capsys):
     neutral.to_csv(tmp_path / "neutral.csv", index=False)  # neither ids nor names decide
     args = _parser().parse_args([
         "associate", "--run", str(run), "--genotypes", str(tmp_path / "neutral.csv"),
-        "--out", str(tmp_path / "r.tsv"), "--quiet"])
+        "--out", str(tmp_path / "r2.tsv"), "--quiet"])
     assert args.func(args) == 2
     assert "--dosage-orientation" in capsys.readouterr().err
     args = _parser().parse_args([
         "associate", "--run", str(run), "--genotypes", str(tmp_path / "dos.csv.gz"),
         "--dosage-orientation", "snps_x_donors", "--factors", "V", "--no-plots",
-        "--out", str(tmp_path / "r.tsv"), "--quiet"])
+        "--out", str(tmp_path / "r3.tsv"), "--quiet"])
     assert args.func(args) == 0
-    assert set(validate_results_tsv(tmp_path / "r.tsv")["factor"]) == {"V_0", "V_1"}
-    assert not (tmp_path / "r_qq.png").exists()
+    assert set(validate_results_tsv(tmp_path / "r3.tsv")["factor"]) == {"V_0", "V_1"}
+    assert not (tmp_path / "r3_qq.png").exists()
 
 
 def test_demo_summary_explains_snps_significant_for_several_factors():

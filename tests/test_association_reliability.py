@@ -231,6 +231,18 @@ def test_lrt_kept_with_many_donors_per_parameter():
     assert rep["pvalue_method"]["used"] == "f"            # df 117 < 50 x 3
 
 
+def test_identity_kinship_reports_no_degenerate_null_model():
+    """With K = I the kinship and residual variances cannot be told apart: whichever split the
+    null fit lands on, no factor is called degenerate nor switched to another test."""
+    geno = _geno(n=40, m=30)
+    for seed in range(3):
+        F = _factors(geno.donors, seed=seed)
+        _, rep = associate_factors(F, geno, kinship="identity", progress=False)
+        assert rep["pvalue_method"]["n_factors_with_degenerate_null_model"] == 0
+        assert rep["pvalue_method"]["factors_switched_to_f"] == []
+        assert not any("degenerate" in w for w in rep["warnings"])
+
+
 # ------------------------------------------------------------------ 2: kinship from few SNPs
 
 

@@ -144,6 +144,22 @@ def test_read_dosage_table_donors_x_snps(tmp_path):
     np.testing.assert_array_equal(g.dosages, [[0, 1.5], [2, 0.5]])
 
 
+def test_repeated_snp_columns_of_a_donors_x_snps_table_follow_duplicate_snps(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("donor,rs1,rs2,rs1\nD1,0,1,2\nD2,2,1,0\n")
+    with pytest.raises(InputError, match="SNP ids.*--duplicate-snps make_unique.*open_genotypes"):
+        read_dosage_table(path, orientation="donors_x_snps")
+    for policy in ("make_unique", "auto"):
+        g = read_dosage_table(path, orientation="donors_x_snps", duplicate_snps=policy)
+        assert g.snps["snp"].tolist() == ["rs1", "rs2", "rs1#2"]
+        np.testing.assert_array_equal(g.dosages, [[0, 1, 2], [2, 1, 0]])
+        assert g.report["n_duplicate_snp_ids_renamed"] == 1
+        assert ("repeat an earlier SNP id" in " ".join(g.report.get("notes", []))) == (policy == "auto")
+    path.write_text("donor,rs1,donor\nD1,0,1\nD2,2,1\n")
+    with pytest.raises(InputError, match="header columns"):
+        read_dosage_table(path, orientation="donors_x_snps", duplicate_snps="make_unique")
+
+
 def test_read_dosage_table_bad_values(tmp_path):
     frame = _snps_x_donors_frame().astype({"D2": object})
     frame.loc[1, "D2"] = "AG"

@@ -118,7 +118,8 @@ MIN_KINSHIP_SNPS = 20
 #: ``max(MIN_ALL_SNP_KINSHIP_SNPS, n_donors)``.
 MIN_ALL_SNP_KINSHIP_SNPS = 50
 #: A null model whose residual variance is below this fraction of the total variance
-#: is degenerate (all variance on the kinship).
+#: is degenerate (all variance on the kinship). Not with a kinship proportional to the
+#: identity, where kinship and residual variance cannot be told apart.
 DEGENERATE_RESIDUAL_FRACTION = 1e-4
 #: A computed leave-one-chromosome-out kinship keeps one donors x donors accumulator per
 #: chromosome from the first pass over the SNPs when they take at most this many bytes
@@ -671,7 +672,9 @@ def fit_null_models(Y: np.ndarray, M: np.ndarray, basis: "KinshipBasis",
     lml0 = (static - n * _safe_log(bstar0 / n)) / 2.0
     rank_m = int(np.linalg.matrix_rank(M))
     n_eff = np.where(pos, n, r)
-    degenerate = v1 <= DEGENERATE_RESIDUAL_FRACTION * (v0 + v1)
+    # with K proportional to I only v0 S0 + v1 is identified: no split of it is degenerate
+    split_identified = r < n or np.ptp(S0) > 1e-8 * S0.max()
+    degenerate = split_identified & (v1 <= DEGENERATE_RESIDUAL_FRACTION * (v0 + v1))
     return [NullModel(factors[k], float(lml0[k]), float(v0[k]), float(v1[k]),
                       float(y_scale[k]), D0[k], float(v[k]), float(static[k]), Q0tM, PM,
                       Q0ty[k], Py[:, k].copy(), A_pinv[k], a[k], float(bstar0[k]),
@@ -1123,7 +1126,8 @@ def associate_factors(factors: pd.DataFrame, genotypes, *, kinship=None,
     model that the scan cannot use.
     """
     if not 0 < fdr < 1:
-        raise InputError("fdr", "fdr", f"{fdr} is not in (0, 1)", "use e.g. fdr=0.05")
+        raise InputError("fdr", "fdr", f"{fdr} is not in (0, 1)",
+                         "give the false discovery rate as a fraction, e.g. --fdr 0.05 (fdr=0.05 in Python)")
     if loco and kinship is not None:
         raise InputError("kinship", "loco", "loco=True computes the kinship from the "
                          "genotypes, but a kinship was given", "drop one of the two")

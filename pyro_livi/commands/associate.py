@@ -70,7 +70,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--inverse-normal", action="store_true",
                    help="rank-based inverse normal transform of each factor")
     p.add_argument("--maf", type=float, default=0.05, metavar="FRACTION",
-                   help="minor-allele-frequency threshold (a fraction, 0..0.5); rarer SNPs "
+                   help="minor-allele-frequency threshold (a fraction, at least 0 and below 0.5); rarer SNPs "
                    "are left out")
     p.add_argument("--chunk-size", type=int, default=5000, metavar="SNPS",
                    help="SNPs read and tested per block (bounds memory: about "

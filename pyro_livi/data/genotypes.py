@@ -212,9 +212,10 @@ def _dedupe_ids(ids: list[str], policy: str, source: str) -> tuple[list[str], in
     if policy not in ("make_unique", "auto"):
         raise InputError(source, "SNP ids", f"{len(dups)} SNP ids occur more than once "
                          f"(e.g. {dups[:5]})", "make SNP ids unique in the file, or read "
-                         "with duplicate_snps='make_unique' (CLI: --duplicate-snps "
-                         "make_unique) to keep each row as its own variant, renamed id#2, "
-                         "id#3, ...")
+                         "it with duplicate_snps='make_unique' (CLI: --duplicate-snps "
+                         "make_unique; Python: open_genotypes(path, duplicate_snps="
+                         "'make_unique') and pass the result) to keep each as its own "
+                         "variant, renamed id#2, id#3, ...")
     seen: dict[str, int] = {}
     taken = set(ids)
     out, renamed = [], 0
@@ -536,11 +537,13 @@ def read_dosage_table(path, *, orientation: Literal["snps_x_donors", "donors_x_s
     header = _raw_header(path, sep)
     if not header:
         raise InputError(path, "header", "the file is empty", "give a table with a header")
-    _check_unique(header, source, "header columns", "give every column a unique name")
+    if orientation == "snps_x_donors":  # SNP columns repeated in donors x SNPs: duplicate_snps
+        _check_unique(header, source, "header columns", "give every column a unique name")
     table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=True)
-    if list(table.columns) != header:
+    if len(table.columns) != len(header) or (orientation == "snps_x_donors" and list(table.columns) != header):
         raise InputError(path, "header", "rows have more fields than the header",
                          "check the separator (comma for .csv, tab for .tsv/.txt)")
+    written = dict(zip(table.columns, header))  # pandas renames repeated names: a, a.1
     report: dict = {"notes": notes} if notes else {}
     if orientation == "snps_x_donors":
         if snp_id_column not in table.columns:
@@ -605,7 +608,9 @@ def read_dosage_table(path, *, orientation: Literal["snps_x_donors", "donors_x_s
     if missing:
         raise InputError(path, "annotation_columns", f"columns {missing} not in the table",
                          "list existing columns only")
-    value_cols = [c for c in header if c != id_col and c not in annot]
+    _check_unique([h for h in header if h == id_col or h in annot], source, "header columns",
+                  "give the donor id and annotation columns unique names")
+    value_cols = [c for c in table.columns if written[c] != id_col and written[c] not in annot]
     if not value_cols:
         raise InputError(path, "SNP columns", "no SNP columns", "give one column per SNP")
     if table[id_col].isna().any():
@@ -613,9 +618,13 @@ def read_dosage_table(path, *, orientation: Literal["snps_x_donors", "donors_x_s
         raise InputError(path, id_col, f"empty donor id in data row {row + 1}",
                          "give every donor an id")
     values = _numeric_block(table, value_cols, path, lambda r: table[id_col].iat[r])
-    ids, renamed = _dedupe_ids(value_cols, duplicate_snps, source)
+    ids, renamed = _dedupe_ids([written[c] for c in value_cols], duplicate_snps, source)
     if renamed:
         report["n_duplicate_snp_ids_renamed"] = renamed
+        if duplicate_snps == "auto":
+            report.setdefault("notes", []).append(
+                f"{renamed} columns repeat an earlier SNP id: kept each as its own variant, renamed "
+                "id#2, id#3, ... (--duplicate-snps error refuses them)")
     snps = pd.DataFrame({"snp": ids, "chrom": [None] * len(ids), "pos": np.nan})
     return Genotypes(values, table[id_col].tolist(), snps, source, report)
 
@@ -658,7 +667,7 @@ def _numeric_block(table: pd.DataFrame, cols: list[str], path: Path, row_name) -
     out = np.isinf(values) | (values < lo) | (values > hi)
     if out.any():
         r, c = np.argwhere(out)[0]
-        raise InputError(path, cols[c], f"dosage {values[r, c]!r} outside [{lo:g}, {hi:g}] "
+        raise InputError(path, cols[c], f"dosage {values[r, c]:g} outside [{lo:g}, {hi:g}] "
                          f"(row {row_name(r)!r}); {int(out[:, c].sum())} such cells in "
                          "this column", "dosages must count allele copies (0..2)")
     return values
@@ -933,7 +942,9 @@ def qc_dosage_block(dosages: np.ndarray, maf: float, copy: bool = True) -> QCBlo
     when every SNP is kept and no call is missing (no copy of a large block).
     """
     if not 0.0 <= maf < 0.5:
-        raise InputError("maf", "maf", f"{maf} is not in [0, 0.5)", "use e.g. maf=0.05")
+        raise InputError("maf", "maf", f"{maf} is not in [0, 0.5)",
+                         "give a minor-allele frequency from 0 up to (not including) 0.5, e.g. "
+                         "--maf 0.05 (maf=0.05 in Python)")
     dos = np.asarray(dosages, dtype=np.float64)
     total = dos.sum(axis=0)
     if not np.isnan(total).any():
