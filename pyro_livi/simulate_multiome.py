@@ -126,11 +126,13 @@ class MultiomeConfig:
             raise InputError("<config>", "n_regulators",
                              f"{self.n_regulators} regulators and {self.n_cell_types} x {self.markers} "
                              f"markers need more than the {self.n_genes} genes",
-                             "lower n_regulators or markers_per_type, or raise n_genes")
+                             "lower n_regulators (--n-regulators) or markers_per_type (a --config "
+                             "field), or raise n_genes (--n-genes)")
         if self.n_regulators * self.links_per_regulator[1] > self.n_peaks:
             raise InputError("<config>", "links_per_regulator",
                              f"up to {self.n_regulators} x {self.links_per_regulator[1]} linked peaks exceed the "
-                             f"{self.n_peaks} peaks", "lower n_regulators or links_per_regulator, or raise n_peaks")
+                             f"{self.n_peaks} peaks", "lower n_regulators (--n-regulators) or links_per_regulator (a "
+                             "--config field), or raise n_peaks (--n-peaks)")
         for name in ("regulator_sd", "program_sd", "rna_baseline_sd", "rna_library", "rna_theta",
                      "peak_baseline_sd", "fragments_per_open", "depth_sigma", "rna_library_sigma"):
             if float(getattr(self, name)) < 0 or (name in ("rna_library", "rna_theta", "fragments_per_open")

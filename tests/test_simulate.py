@@ -354,6 +354,11 @@ def test_cli_reports_bad_config(tmp_path, capsys):
 
     rc = main(["simulate", "--out", str(tmp_path), "--config", str(tmp_path / "none.json")])
     assert rc == 2 and "--config" in capsys.readouterr().err
+    for mode in ("population", "multiome"):
+        assert main(["simulate", "--mode", mode, "--seed", "-1", "--out", str(tmp_path / "s")]) == 2
+        assert "--seed must be an integer from 0" in capsys.readouterr().err
+    rc = main(["simulate", "--mode", "multiome", "--n-peaks", "200", "--out", str(tmp_path / "m")])
+    assert rc == 2 and "--n-regulators" in capsys.readouterr().err and not (tmp_path / "m").exists()
 
 
 POPULATION_ARGS = ["--seed", "1", "--n-donors", "6", "--cells-per-donor", "5", "--n-genes", "20", "--n-snps", "30"]

@@ -172,6 +172,9 @@ def run_stream(cfg, args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from pyro_livi.simulate import prepare_simulation_dir, simulate, write_simulation
 
+    if not 0 <= args.seed < 2 ** 32:
+        print(f"error: --seed must be an integer from 0 to 2**32 - 1, got {args.seed}", file=sys.stderr)
+        return 2
     if args.mode == "multiome":
         if args.stream:
             print("error: --stream is a flag of --mode population; leave it out with --mode multiome", file=sys.stderr)
