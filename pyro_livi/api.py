@@ -23,9 +23,10 @@ from .data import DatasetSpec, read_dataset
 from .data.loader import unset_defaults
 from .errors import InputError
 from .infer import Trainer, TrainingConfig, seed_everything
+from .infer.trainer import check_seed
 from .models import model_class
 from .persistence import load_model, save_model
-from .run import build_model, split_options, training_split
+from .run import build_model, check_training_settings, split_options, training_split
 
 
 class Model:
@@ -41,7 +42,7 @@ class Model:
     continuous_modalities : what to read, as in :class:`pyro_livi.data.DatasetSpec`
         (default modalities: ``{"rna": layer}``).
     likelihoods : {modality: registered likelihood name}.
-    seed : seed of the initialisation.
+    seed : seed of the initialisation, 0 .. 2**32 - 1.
     backed : leave the counts of a ``.h5ad``/``.h5mu`` path on disk (memory flat in the number of
         cells; training then reads chunks of cells, see :meth:`train`).
     options : the model's options (and its schedule options, used by :meth:`train`).
@@ -53,6 +54,7 @@ class Model:
                  donor_key: str | None = None, covariate_keys=(), label_keys=(), optional_modalities=(),
                  continuous_modalities=(), likelihoods: dict | None = None, seed: int = 0, backed: bool = False,
                  **options):
+        check_seed(seed)
         model_options, self._schedule_options = split_options(model, options)
         self.spec = DatasetSpec(modalities=modalities or {"rna": layer}, donor_key=donor_key,
                                 covariate_keys=list(covariate_keys), label_keys=list(label_keys),
@@ -93,7 +95,11 @@ class Model:
         ``self.validation``. ``schedule_options`` (e.g. the LIVI family's ``epochs_vae``)
         override those given at construction. ``chunk_size``, ``buffer_batches``: the shuffle of
         the minibatches (:class:`~pyro_livi.data.MinibatchLoader`; defaults: chunks of 128 cells
-        in buffers of 32 minibatches for backed data, a permutation of the cells in memory)."""
+        in buffers of 32 minibatches for backed data, a permutation of the cells in memory).
+        Raises InputError (naming the keyword) for ``max_epochs`` < 1, a negative ``patience``
+        (None or 0: no early stopping), ``lr`` <= 0, or ``seed`` outside 0 .. 2**32 - 1."""
+        patience = check_training_settings(epochs=max_epochs, patience=patience, lr=lr, seed=seed,
+                                           epochs_keyword="max_epochs")
         cls = model_class(self.name)
         options = {**self._schedule_options, **schedule_options}
         _, schedule = split_options(self.name, options)

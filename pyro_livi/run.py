@@ -19,6 +19,8 @@ from .data import DatasetSpec, read_dataset
 from .data.loader import unset_defaults
 from .errors import InputError
 from .infer import Trainer, TrainingConfig, seed_everything
+from .infer.stages import check_epochs, check_patience
+from .infer.trainer import check_learning_rate, check_seed
 from .models import model_class
 from .persistence import MODEL_FILE, save_model
 from .rundir import CHECKPOINT_DIR, check_same_data, data_fingerprint, prepare_run_dir
@@ -73,6 +75,20 @@ def build_model(name: str, dataset, **options):
     return cls.from_dataset(dataset, counts_sample=counts_sample, **model_options)
 
 
+def check_training_settings(*, epochs, patience, lr, seed, epochs_keyword: str = "epochs") -> int | None:
+    """Check the training settings shared by every model before anything is read or trained; an
+    InputError names the flag and keyword of the first bad one: ``epochs`` a whole number >= 1
+    (named ``epochs_keyword``, e.g. ``max_epochs`` in :meth:`pyro_livi.api.Model.train`),
+    ``patience`` None, 0 (no early stopping) or a whole number >= 1, ``lr`` a number > 0,
+    ``seed`` a whole number from 0 to 2**32 - 1. Returns the patience, None for no early
+    stopping."""
+    check_epochs(epochs, keyword=epochs_keyword)
+    patience = check_patience(patience)
+    check_learning_rate(lr)
+    check_seed(seed)
+    return patience
+
+
 def training_split(n_cells: int, train_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(train, validation)`` cell positions: a seeded split keeping ``train_size`` of the cells
     for training (:func:`pyro_livi.analysis.heldout.split_cells`); every cell trains when
@@ -120,7 +136,8 @@ def fit(
     ``optional_modalities`` lists modalities some cells lack, ``continuous_modalities`` those
     holding normalised values instead of raw counts. ``donor_key`` is needed by models with
     donor factors only. ``epochs`` is the maximum length of the model's last stage (the donor
-    stage of the LIVI family), ``patience`` its early stopping (None: none). ``train_size``:
+    stage of the LIVI family; a whole number >= 1), ``patience`` its early stopping (None or 0:
+    none), ``lr`` Adam's learning rate (> 0), ``seed`` 0 .. 2**32 - 1. ``train_size``:
     fraction of cells trained on (seeded split); the others are validation cells whose loss is
     recorded every epoch (``validation_loss``) and watched by early stopping, as in
     scvi-tools. None takes the model's ``default_train_size`` (0.9; 1.0 for the LIVI family,
@@ -154,6 +171,7 @@ def fit(
     by ``torchrun`` (``WORLD_SIZE`` > 1 in its environment) trains data-parallel with the other
     launched processes without ``nproc``.
     """
+    patience = check_training_settings(epochs=epochs, patience=patience, lr=lr, seed=seed)
     if nproc != 1:
         given = {k: v for k, v in locals().items() if k not in ("nproc", "options")}
         if not isinstance(nproc, int) or nproc < 1:

@@ -203,7 +203,7 @@ def test_fit_accepts_partial_protein_for_dmlivi_only(partial, tmp_path):
     assert (result.tables["specific_state_prot"].to_numpy()[~keep] == 0).all()
     with pytest.raises(InputError, match="dmlivi"):
         fit(mdata, donor_key="donor", model="multislivi", modalities=MODALITIES,
-            optional_modalities=["prot"], epochs_vae=1, epochs=0, progress=False)
+            optional_modalities=["prot"], epochs_vae=1, epochs=1, progress=False)
 
 
 # -------------------------------------------------------------------- likelihood swap

@@ -68,9 +68,9 @@ def register(subparsers, argv=None) -> None:
     p.add_argument("--protein-likelihood", default=None, choices=sorted(LIKELIHOODS),
                    help="likelihood of every modality after the first (default: the model's, nb)")
     p.add_argument("--epochs", type=int, default=200,
-                   help="maximum epochs of the model's last stage (the donor stage of the LIVI family)")
+                   help="maximum epochs of the model's last stage (the donor stage of the LIVI family); >= 1")
     p.add_argument("--patience", type=int, default=20,
-                   help="early stopping after this many stalled epochs (0: no early stopping)")
+                   help="early stopping after this many stalled epochs, >= 1 (0: no early stopping)")
     p.add_argument("--train-size", type=float, default=None,
                    help="fraction of cells trained on (seeded split); the rest are validation cells whose "
                    "loss is recorded and watched by early stopping (default: the model's, 0.9; 1.0 for "
@@ -85,8 +85,8 @@ def register(subparsers, argv=None) -> None:
                    "permutation of the cells in memory)")
     p.add_argument("--buffer-batches", type=int, default=None,
                    help="minibatches' worth of cells shuffled together; needs --chunk-size > 1 (or --backed) (default: 32)")
-    p.add_argument("--lr", type=float, default=8e-4, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, minibatches and sampling")
+    p.add_argument("--lr", type=float, default=8e-4, help="Adam learning rate, > 0")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, minibatches and sampling, 0 .. 2**32 - 1")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train: cpu, or cuda (an NVIDIA GPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice, one per core); 1 is often as fast for "
@@ -111,17 +111,33 @@ def register(subparsers, argv=None) -> None:
     p.set_defaults(func=run, model_options=tuple(MODELS[chosen].options) if chosen in MODELS else ())
 
 
+def _refuse_repeats(names: list[str], flag: str) -> None:
+    """InputError naming ``flag`` when a name is given twice."""
+    repeated = sorted({m for m in names if names.count(m) > 1})
+    if repeated:
+        from ..errors import InputError
+
+        raise InputError("<arguments>", flag, f"modality(ies) {repeated} given more than once",
+                         f"name each modality once, e.g. {flag} {','.join(dict.fromkeys(names))}")
+
+
 def _modalities(text: str, layer: str | None) -> dict:
-    """"rna,prot" or "rna:counts,prot" -> {"rna": "counts", "prot": None}."""
+    """"rna,prot" or "rna:counts,prot" -> {"rna": "counts", "prot": None}; an InputError naming
+    ``--modalities`` when a modality is given twice."""
     out = {}
-    for k, item in enumerate(part.strip() for part in text.split(",") if part.strip()):
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    _refuse_repeats([item.partition(":")[0] for item in items], "--modalities")
+    for k, item in enumerate(items):
         name, _, own_layer = item.partition(":")
         out[name] = own_layer or (layer if k == 0 else None)
     return out
 
 
-def _names(text: str) -> list[str]:
-    return [m.strip() for m in text.split(",") if m.strip()]
+def _names(text: str, flag: str) -> list[str]:
+    """"a,b" -> ["a", "b"]; an InputError naming ``flag`` when a name is given twice."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    _refuse_repeats(names, flag)
+    return names
 
 
 def run(args) -> int:
@@ -153,8 +169,8 @@ def run(args) -> int:
         options["likelihoods"] = likelihoods
     result = fit(
         args.data, model=args.model, donor_key=args.donor_key, modalities=modalities,
-        optional_modalities=_names(args.optional_modalities),
-        continuous_modalities=_names(args.continuous_modalities),
+        optional_modalities=_names(args.optional_modalities, "--optional-modalities"),
+        continuous_modalities=_names(args.continuous_modalities, "--continuous-modalities"),
         covariate_keys=args.covariate_keys, label_keys=args.label_keys, epochs=args.epochs,
         patience=args.patience or None, train_size=args.train_size, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, out=args.out, resume=args.resume, overwrite=args.overwrite, nproc=args.nproc,
@@ -169,7 +185,10 @@ def run(args) -> int:
         return 0
     last = result.history.iloc[-1]
     donors = result.dataset.donor_index
-    print(f"fitted {args.model} on {result.dataset.n_cells} cells"
+    n_cells, n_held = result.dataset.n_cells, len(result.validation)
+    cells = (f"{n_cells} cells" if not n_held else
+             f"{n_cells - n_held} cells ({n_held} of the {n_cells} held out for validation)")
+    print(f"fitted {args.model} on {cells}"
           f"{'' if donors is None else f', {len(donors)} donors'}; {len(result.history)} epochs, "
           f"final loss {last['loss']:.4f} per cell; outputs in {args.out}")
     return 0

@@ -3,7 +3,7 @@
 ``read_dataset`` takes an ``.h5ad`` / ``.h5mu`` path or an in-memory AnnData / MuData and a
 :class:`~pyro_livi.data.spec.DatasetSpec`, checks the data against the data contract
 (raw integer counts, or finite values for continuous modalities; no empty cells, unique and
-aligned cell ids, donor and covariate columns present) and returns a dataset that hands out dense minibatches
+aligned cell ids, unique feature names, donor and categorical covariate columns present) and returns a dataset that hands out dense minibatches
 (:class:`~pyro_livi.data.batch.Batch`) while the full matrices stay as stored: sparse
 matrices stay sparse, backed files stay on disk. Every problem is an
 :class:`~pyro_livi.errors.InputError` that names the file, the field and the fix.
@@ -452,6 +452,22 @@ def _check_unique_cells(names: pd.Index, source: str, where: str) -> None:
                          "(for a MuData: mdata.obs_names_make_unique())")
 
 
+def _check_unique_features(names: pd.Index, source: str, name: str, is_mu: bool) -> None:
+    """InputError naming the file, the modality, some duplicated feature names and the fix when
+    ``names`` repeats one (tables and loadings are indexed by feature name)."""
+    dup = names[names.duplicated()].unique()
+    if len(dup):
+        where = f"mdata.mod['{name}']" if is_mu else "adata"
+        raise InputError(source, f"{where}.var_names",
+                         f"{len(dup)} duplicate feature name(s) in modality '{name}' "
+                         f"({int(names.duplicated(keep=False).sum()):,} of its {len(names):,} features): "
+                         f"{_preview(dup.tolist(), 5)}",
+                         f"make the names unique and save again: {where}.var_names_make_unique() "
+                         "(appends -1, -2, ... to repeats"
+                         + ("; then mdata.update())" if is_mu else ")")
+                         + ", or use unique ids (e.g. Ensembl gene ids) as var_names")
+
+
 def _align(ref_name: str, ref_names: pd.Index, name: str, names: pd.Index, optional: bool,
            source: str) -> np.ndarray | None:
     """Row of each reference cell in modality ``name`` (-1 where absent); None = identity."""
@@ -528,10 +544,75 @@ def _nan_check(col: pd.Series, names: pd.Index, key: str, spec_field: str, sourc
                          f"(adata = adata[adata.obs['{key}'].notna()].copy())")
 
 
+#: Most distinct values a numeric (int or float) covariate column may hold and still be read as
+#: categories; more, or any non-whole value, is a measurement, refused (bin it first).
+MAX_NUMERIC_COVARIATE_LEVELS = 50
+
+#: A numeric covariate column with more distinct values than this (and at most
+#: :data:`MAX_NUMERIC_COVARIATE_LEVELS`) is read as categories with a warning.
+WARN_NUMERIC_COVARIATE_LEVELS = 10
+
+
+def _is_numeric_column(col: pd.Series) -> bool:
+    """Integers or floats (NumPy or pandas nullable), not bools, categoricals or strings."""
+    dtype = col.dtype
+    return (pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+            and not isinstance(dtype, pd.CategoricalDtype))
+
+
+def _check_covariate_levels(col: pd.Series, key: str, source: str) -> None:
+    """Refuse a covariate column that is not a set of categories (InputError naming the file,
+    the column, its number of distinct values and the fix).
+
+    Covariates are categorical (scvi-tools' ``categorical_covariate_keys``): every distinct value
+    is a category with its own offset per feature. Refused: a numeric column (int or float, not
+    bool or categorical) holding a non-whole value or more than
+    :data:`MAX_NUMERIC_COVARIATE_LEVELS` distinct values (a measurement such as age or a
+    pseudotime), and any column giving every cell its own value (an identifier such as a
+    barcode). Integer codes with few values (batches 1, 2, 3) are categories; a numeric column
+    with more than :data:`WARN_NUMERIC_COVARIATE_LEVELS` values gives a warning."""
+    n_cells = int(col.shape[0])
+    n_levels = int(col.nunique(dropna=True))
+    field = f"obs['{key}'] (covariate_keys)"
+    leave_out = f"or leave '{key}' out of the covariates (--covariate-keys on the CLI, covariate_keys= in Python)"
+    if _is_numeric_column(col):
+        values = col.to_numpy(dtype=np.float64)
+        fractional = values != np.round(values)
+        if fractional.any() or n_levels > MAX_NUMERIC_COVARIATE_LEVELS:
+            why = (f"non-whole values such as {values[np.argmax(fractional)]:g}" if fractional.any()
+                   else f"more than {MAX_NUMERIC_COVARIATE_LEVELS} distinct values")
+            raise InputError(
+                source, field,
+                f"a numeric column ({col.dtype}) with {n_levels:,} distinct values over {n_cells:,} cells "
+                f"({why}): a measurement, not categories. Covariates are categorical, every distinct "
+                f"value a category with its own offset per feature, so this column would give "
+                f"{n_levels:,} free offsets per feature",
+                f"bin it into a few categories and give that column instead, e.g. "
+                f"adata.obs['{key}_bin'] = pd.cut(adata.obs['{key}'], bins=5).astype(str) with "
+                f"--covariate-keys {key}_bin (covariate_keys=['{key}_bin']); if its values really are "
+                f"category labels, store them as such (adata.obs['{key}'] = adata.obs['{key}'].astype(str)); "
+                + leave_out)
+    if n_cells > 1 and n_levels == n_cells:
+        raise InputError(
+            source, field,
+            f"every one of the {n_cells:,} cells has its own value ({n_levels:,} distinct values, e.g. "
+            f"{_preview(col.astype(str).iloc[:3].tolist(), 3)}): an identifier such as a barcode, not a "
+            "covariate; as categories it would give every cell a free offset per feature",
+            "give a column that groups cells (batch, sample, plate, ...), " + leave_out)
+    if _is_numeric_column(col) and n_levels > WARN_NUMERIC_COVARIATE_LEVELS:
+        warnings.warn(
+            f"{source}: field '{field}': a numeric column with {n_levels} distinct values, read as "
+            f"{n_levels} categories (one offset per feature each); if it is a measurement (age, a "
+            f"score), bin it (pd.cut) or leave it out of the covariates", stacklevel=3)
+
+
 def _covariate_codes(col: pd.Series, key: str, categories: list[str] | None, source: str):
-    """``(categories, codes)`` for one categorical covariate; values compared as strings."""
+    """``(categories, codes)`` for one categorical covariate; values compared as strings.
+    Without ``categories`` (reading data to fit on) the column must be categories
+    (:func:`_check_covariate_levels`); with them (a fitted model's) every value must be one."""
     values = col.astype(str).to_numpy(dtype=object)
     if categories is None:
+        _check_covariate_levels(col, key, source)
         categories = sorted(set(values.tolist()))
     lookup = {c: k for k, c in enumerate(categories)}
     uniq, inverse = np.unique(values.astype(str), return_inverse=True)
@@ -846,8 +927,11 @@ def read_dataset(data, spec: DatasetSpec | dict, *, backed: bool = False,
     count modality is a non-negative integer, every value of a continuous modality
     (``spec.continuous_modalities``) is finite (one vectorised pass over all values, in
     chunks); no cell has a zero total count in a count modality where it is present; cell ids are unique; MuData modalities hold the first modality's cells in
-    its order (optional modalities: a subset of them); the donor, covariate and label
-    columns, layers and modalities exist; no cell lacks a donor or a covariate value.
+    its order (optional modalities: a subset of them); feature names are unique within each
+    modality; the donor, covariate and label columns, layers and modalities exist; no cell lacks
+    a donor or a covariate value; without ``covariate_categories``, every covariate column holds
+    categories: not a numeric measurement (a non-whole value, or more than
+    :data:`MAX_NUMERIC_COVARIATE_LEVELS` distinct numbers), nor a value per cell (an identifier).
     Donors with a single cell only give a warning.
     """
     if isinstance(spec, dict):
@@ -931,6 +1015,7 @@ def read_dataset(data, spec: DatasetSpec | dict, *, backed: bool = False,
                              f"adata.layers['{layer}']; adata.write_h5ad(...)), then read it backed "
                              "without a layer (no --layer / modalities layer None); or leave out "
                              "--backed (backed=False) to read the layer in memory")
+        _check_unique_features(pd.Index(adata.var_names), source, name, is_mu)
         matrix = _CountMatrix(_count_source(adata, name, layer, source, field), source, field,
                               notes)
         if matrix.shape != (adata.n_obs, adata.n_vars):

@@ -70,7 +70,10 @@ class DatasetSpec:
         ``.obs`` column with the donor id of each cell; ``None`` for data without donors
         (only models with donor factors need one).
     covariate_keys : list[str]
-        Categorical covariates in ``.obs`` (per-feature offsets in the models).
+        Categorical covariates in ``.obs`` (per-feature offsets in the models: one per category,
+        as scvi-tools' ``categorical_covariate_keys``). Reading refuses a numeric column holding
+        a non-whole value or more than 50 distinct values (a measurement: bin it first, e.g.
+        ``pd.cut``) and a column with a value per cell (an identifier).
     label_keys : list[str]
         ``.obs`` columns kept for evaluation (cell type, ...).
     optional_modalities : list[str]

@@ -2,7 +2,52 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..errors import InputError
+
+#: How the epoch settings of a model's schedule are given, for messages.
+_EPOCH_FLAGS = ("--epochs / epochs= (max_epochs= in Model.train) for the last stage; the model's own "
+                "schedule options for the others, e.g. --epochs-vae / epochs_vae= of the LIVI family "
+                "(`pyro-livi fit --model NAME --help` lists them)")
+
+
+def _is_whole(value) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    """A finite real number (Python or NumPy), not a bool."""
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value))
+
+
+def check_epochs(epochs, keyword: str = "epochs", flag: str = "--epochs") -> int:
+    """``epochs`` as an int; an InputError naming ``flag`` / ``keyword`` unless it is a whole
+    number >= 1 (a training run trains at least one epoch)."""
+    if not _is_whole(epochs) or epochs < 1:
+        raise InputError("<arguments>", keyword, f"the number of epochs must be a whole number >= 1, got {epochs!r}",
+                         f"give e.g. {flag} 200 on the CLI ({keyword}=200 in Python)")
+    return int(epochs)
+
+
+def check_patience(patience, keyword: str = "patience", flag: str = "--patience") -> int | None:
+    """``patience`` as None (no early stopping) or an int >= 1; an InputError naming ``flag`` /
+    ``keyword`` for anything else. 0 means no early stopping, as ``--patience 0`` on the CLI, and
+    is returned as None."""
+    if patience is None:
+        return None
+    if not _is_whole(patience) or patience < 0:
+        raise InputError("<arguments>", keyword,
+                         f"early stopping's patience must be a whole number of stalled epochs >= 1, or "
+                         f"None / 0 for no early stopping, got {patience!r}",
+                         f"give e.g. {flag} 20 on the CLI ({keyword}=20 in Python), or {flag} 0 "
+                         f"({keyword}=None) to train every epoch")
+    return int(patience) or None
 
 
 @dataclass
@@ -32,6 +77,22 @@ class EarlyStopping:
     watch: tuple[str, ...] = ()
     factor_tol: float = 1e-3
     monitor: str = "auto"
+
+    def __post_init__(self):
+        """Raises InputError for a patience that is not a whole number >= 1 (naming ``--patience`` /
+        ``patience=``: no early stopping is no EarlyStopping), or a negative or non-finite
+        ``min_delta`` / ``factor_tol``."""
+        if not _is_whole(self.patience) or self.patience < 1:
+            raise InputError("<arguments>", "patience",
+                             f"early stopping's patience must be a whole number of stalled epochs >= 1, "
+                             f"got {self.patience!r}",
+                             "give e.g. --patience 20 on the CLI (patience=20 in Python), or --patience 0 "
+                             "(patience=None) to train every epoch")
+        for name in ("min_delta", "factor_tol"):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0:
+                raise InputError("<arguments>", f"EarlyStopping.{name}", f"must be a number >= 0, got {value!r}",
+                                 "give a non-negative tolerance")
 
 
 def direction_change(new, old) -> float:
@@ -102,6 +163,37 @@ class Stage:
     lr_decay: float = 1.0
     group_lr: dict = field(default_factory=dict)
     kl_warmup: KLWarmup | None = None
+
+    def __post_init__(self):
+        """Raises InputError (naming the stage and the settings that set the value) for negative
+        or non-whole ``epochs`` (0 is allowed here: a schedule drops the stages it leaves at 0
+        epochs; :meth:`check_trainable` refuses them in training), an ``lr_decay`` outside (0, 1],
+        or a negative or non-finite rate in ``group_lr`` (0 holds a trained group still)."""
+        if not _is_whole(self.epochs) or self.epochs < 0:
+            raise InputError("<arguments>", f"stage '{self.name}' epochs",
+                             f"the number of epochs must be a whole number >= 1, got {self.epochs!r}",
+                             f"give every epoch setting as a whole number >= 1: {_EPOCH_FLAGS}")
+        if not _is_real(self.lr_decay) or not 0.0 < self.lr_decay <= 1.0:
+            raise InputError("<arguments>", f"stage '{self.name}' lr_decay",
+                             f"the factor the learning rates decay to over the stage must be in (0, 1], got "
+                             f"{self.lr_decay!r}",
+                             "give a factor in (0, 1], 1 for constant rates (the model's schedule option, e.g. "
+                             "--lr-decay / lr_decay= of mofa)")
+        for group, rate in self.group_lr.items():
+            if not _is_real(rate) or rate < 0:
+                raise InputError("<arguments>", f"stage '{self.name}' group_lr['{group}']",
+                                 f"the learning rate of parameter group '{group}' must be a number >= 0 (0 holds "
+                                 f"the group still), got {rate!r}",
+                                 "give a rate > 0 to the model's *_lr option that sets it, e.g. --donor-lr 0.01 / "
+                                 "donor_lr=0.01 of the LIVI family, --factor-lr / factor_lr= of mofa")
+
+    def check_trainable(self) -> None:
+        """Raises InputError unless the stage trains at least one epoch (called by the
+        :class:`~pyro_livi.infer.Trainer` for every stage it is given)."""
+        if self.epochs < 1:
+            raise InputError("<arguments>", f"stage '{self.name}' epochs",
+                             f"the number of epochs must be a whole number >= 1, got {self.epochs!r}",
+                             f"give every epoch setting as a whole number >= 1: {_EPOCH_FLAGS}")
 
     def to_dict(self) -> dict:
         return asdict(self)

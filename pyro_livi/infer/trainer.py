@@ -23,9 +23,9 @@ from pyro.infer.util import is_validation_enabled
 from ..progress import tqdm
 
 from ..data.loader import MinibatchLoader
-from ..errors import RunDirectoryError, TrainingDivergedError
+from ..errors import InputError, RunDirectoryError, TrainingDivergedError
 from .elbo import elbo_terms
-from .stages import EarlyStopping, Stage, direction_change
+from .stages import EarlyStopping, Stage, _is_real, _is_whole, direction_change
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -46,8 +46,8 @@ VALIDATE_EVERY_BATCH = False
 #: Settings of :class:`TrainingConfig` that may change when resuming (they do not change the result).
 RESUMABLE_CHANGES = ("device", "progress")
 
-__all__ = ["CHECKPOINT_NAME", "LOSS_EXPLOSION_FACTOR", "Trainer", "TrainingConfig",
-           "TrainingDivergedError", "seed_everything"]
+__all__ = ["CHECKPOINT_NAME", "LOSS_EXPLOSION_FACTOR", "MAX_SEED", "Trainer", "TrainingConfig",
+           "TrainingDivergedError", "check_learning_rate", "check_seed", "seed_everything"]
 
 
 @dataclass
@@ -69,10 +69,42 @@ class TrainingConfig:
     chunk_size: int | None = None
     buffer_batches: int | None = None
 
+    def __post_init__(self):
+        """Raises InputError for a learning rate that is not a positive number, or a seed outside
+        0 .. 2**32 - 1 (:func:`check_learning_rate`, :func:`check_seed`)."""
+        check_learning_rate(self.lr)
+        check_seed(self.seed)
+
+
+#: Largest seed: NumPy's generator, which Pyro seeds with the same value, takes 0 .. 2**32 - 1.
+MAX_SEED = 2 ** 32 - 1
+
+
+def check_seed(seed, keyword: str = "seed", flag: str = "--seed") -> int:
+    """``seed`` as an int; an InputError naming ``flag`` / ``keyword`` unless it is a whole number
+    from 0 to :data:`MAX_SEED` (the seeds NumPy accepts)."""
+    if not _is_whole(seed) or not 0 <= int(seed) <= MAX_SEED:
+        raise InputError("<arguments>", keyword,
+                         f"the seed must be a whole number from 0 to 2**32 - 1 ({MAX_SEED}), got {seed!r}",
+                         f"give e.g. {flag} 0 on the CLI ({keyword}=0 in Python)")
+    return int(seed)
+
+
+def check_learning_rate(lr, keyword: str = "lr", flag: str = "--lr") -> float:
+    """``lr`` as a float; an InputError naming ``flag`` / ``keyword`` unless it is a finite number
+    > 0 (Adam moves against the gradient by about ``lr`` per step: a negative rate climbs the
+    loss, a zero rate trains nothing)."""
+    if not _is_real(lr) or lr <= 0:
+        raise InputError("<arguments>", keyword, f"the learning rate must be a positive number, got {lr!r}",
+                         f"give a rate > 0, e.g. {flag} 8e-4 on the CLI ({keyword}=8e-4 in Python), the default; "
+                         "lower it (e.g. ten-fold) if training diverges")
+    return float(lr)
+
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy, torch and Pyro from one user seed."""
-    pyro.set_rng_seed(seed)
+    """Seed Python, NumPy, torch and Pyro from one user seed (0 .. 2**32 - 1; an InputError
+    naming ``--seed`` / ``seed=`` otherwise)."""
+    pyro.set_rng_seed(check_seed(seed))
 
 
 def _rng_state() -> dict:
@@ -123,6 +155,8 @@ class Trainer:
         self.dataset = dataset
         self.validation = validation if validation is not None and validation.n_cells else None
         self.stages = list(stages)
+        for stage in self.stages:
+            stage.check_trainable()
         self.config = config or TrainingConfig()
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.callbacks = list(callbacks)
@@ -491,8 +525,8 @@ class Trainer:
         stored_config = {k: v for k, v in {**asdict(TrainingConfig()), **state.get("training_config", {})}.items()
                          if k not in RESUMABLE_CHANGES}
         config = {k: v for k, v in asdict(self.config).items() if k not in RESUMABLE_CHANGES}
-        differ += [f"training setting {k}: {a!r} in the checkpoint, {b!r} now"
-                   for k, a, b in _differences(stored_config, config)]
+        differ += [f"training setting {k} (--{k.replace('_', '-')} / {k}=): {_shown_setting(a)} in the "
+                   f"checkpoint, {_shown_setting(b)} now" for k, a, b in _differences(stored_config, config)]
         stages = [s.to_dict() for s in self.stages]
         if "stages" in state and state["stages"] != stages:
             differ.append(f"training stages: {_stage_summary(state['stages'])} in the checkpoint, "
@@ -535,6 +569,11 @@ def _differences(stored: dict, now: dict) -> list[tuple[str, object, object]]:
         if norm(a) != norm(b):
             out.append((k, None if a is missing else a, None if b is missing else b))
     return out
+
+
+def _shown_setting(value) -> str:
+    """A training setting as its user gave it: None (chunk_size, buffer_batches) is the default."""
+    return "not set (the default)" if value is None else repr(value)
 
 
 def _stage_summary(stages: list[dict]) -> str:
