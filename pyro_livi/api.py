@@ -25,7 +25,7 @@ from .errors import InputError
 from .infer import Trainer, TrainingConfig, seed_everything
 from .infer.trainer import check_seed
 from .models import model_class
-from .persistence import load_model, save_model
+from .persistence import MODEL_FILE, load_model, save_model
 from .run import build_model, check_training_settings, split_options, training_split
 
 
@@ -198,10 +198,16 @@ class Model:
         return target
 
     # --------------------------------------------------------------------------- save / load
-    def save(self, path) -> Path:
+    def save(self, path, *, overwrite: bool = False) -> Path:
         """Write ``path/model.pt`` (registered name, configuration, parameters, donor index,
-        covariate categories, feature names, spec) and ``path/history.tsv``."""
+        covariate categories, feature names, spec) and ``path/history.tsv``.
+
+        Raises InputError when ``path`` already holds a saved model and not ``overwrite`` (as
+        scvi-tools' ``save(dir_path, overwrite=False)``)."""
         path = Path(path)
+        if not overwrite and ((path / MODEL_FILE).exists() or path.is_file()):
+            raise InputError(path, "path", "already holds a saved model",
+                             "pass overwrite=True to replace it, or save to another path")
         features = self.dataset.feature_names if self.dataset is not None else self._feature_names
         saved = save_model(self.module, path, donor_index=self._donors, covariate_categories=self._categories,
                            feature_names=features, spec=self.spec.to_dict())

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pandas as pd
 import pytest
 
@@ -51,3 +53,33 @@ def test_fit_on_onek1k_writes_the_run_dir(tmp_path):
     assert D.shape == (40, 10)
     cells = pd.read_csv(run / "cell_state.tsv", sep="\t", index_col=0)
     assert cells.shape == (7811, 15)
+
+
+def test_default_modalities_follow_the_file_and_the_model(tmp_path, capsys):
+    """Without --modalities: rna from an .h5ad (a multi-view model included); from a .h5mu the
+    file's modalities, rna first, as many as the model takes."""
+    import anndata as ad
+    import mudata as md
+    import scipy.sparse as sp
+
+    from pyro_livi.commands.fit import default_modalities
+    from pyro_livi.models import MODELS
+
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(60)])
+    mods = {name: ad.AnnData(sp.csr_matrix(rng.poisson(3.0, size=(60, n)).astype(np.float32)), obs=obs.copy())
+            for name, n in (("adt", 4), ("rna", 12), ("hto", 3))}
+    for name, a in mods.items():
+        a.var_names = [f"{name}{j}" for j in range(a.n_vars)]
+    md.MuData(mods).write(tmp_path / "x.h5mu")
+    path = str(tmp_path / "x.h5mu")
+    assert default_modalities(path, MODELS["scvi"].data_needs) == "rna"
+    assert default_modalities(path, MODELS["totalvi"].data_needs) == "rna,adt"
+    assert default_modalities(path, MODELS["mofa"].data_needs) == "rna,adt,hto"
+    assert default_modalities(str(tmp_path / "x.h5ad"), MODELS["mofa"].data_needs) == "rna"
+    mods["rna"].write_h5ad(tmp_path / "rna.h5ad")
+    assert main(["fit", "--model", "mofa", "--data", str(tmp_path / "rna.h5ad"), "--epochs", "2",
+                 "--n-factors", "2", "--out", str(tmp_path / "run")]) == 0
+    assert main(["fit", "--model", "mofa", "--data", path, "--epochs", "2", "--n-factors", "2",
+                 "--out", str(tmp_path / "run3")]) == 0
+    assert "modalities: rna,adt,hto (the file's" in capsys.readouterr().out

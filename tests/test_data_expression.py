@@ -597,3 +597,13 @@ def test_unknown_modality_names_the_flag_and_the_keyword():
                  "Python", read_dataset, make_mudata(), {"modalities": {"rna": None, "adt": None},
                                                          "donor_key": "donor"})
     assert "available: ['rna', 'prot']" in msg
+
+
+def test_proteins_in_obsm_get_a_conversion_hint():
+    """scvi-tools keeps CITE-seq proteins in .obsm['protein_expression']; asking an AnnData for two
+    modalities says how to make the MuData this package reads."""
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(sp.csr_matrix(rng.poisson(2.0, size=(20, 6)).astype(np.float32)))
+    adata.obsm["protein_expression"] = pd.DataFrame(rng.poisson(5, size=(20, 3)), index=adata.obs_names)
+    with pytest.raises(InputError, match=r"obsm\['protein_expression'\].*mudata.MuData"):
+        read_dataset(adata, {"modalities": {"rna": None, "prot": None}})

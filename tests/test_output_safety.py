@@ -81,3 +81,24 @@ def test_demo_overwrite_replaces_only_its_own_outputs(tmp_path, one_torch_thread
     assert (out / "associations.tsv").read_text() == first  # same seed, same results
     assert (out / "notes.txt").read_text() == "mine\n"
     assert not (out / "simulation" / "expression.h5mu").exists()
+
+
+def test_model_save_refuses_a_saved_model_unless_overwrite(tmp_path, one_torch_thread):
+    import numpy as np
+
+    from pyro_livi.api import Model
+    from pyro_livi.errors import InputError
+    from test_zoo_contract import tiny_data
+
+    data, _ = tiny_data("scvi")
+    m = Model(data, "scvi", n_latent=2, n_hidden=8)
+    m.train(max_epochs=1, batch_size=16, progress=False)
+    m.save(tmp_path / "run")
+    before = (tmp_path / "run" / "model.pt").read_bytes()
+    m.train(max_epochs=1, batch_size=16, progress=False)
+    with pytest.raises(InputError, match="already holds a saved model.*overwrite=True"):
+        m.save(tmp_path / "run")
+    assert (tmp_path / "run" / "model.pt").read_bytes() == before
+    m.save(tmp_path / "run", overwrite=True)
+    again = Model.load(tmp_path / "run", adata=data)
+    np.testing.assert_allclose(again.get_latent_representation(), m.get_latent_representation(), rtol=1e-5)

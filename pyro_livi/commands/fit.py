@@ -55,8 +55,9 @@ def register(subparsers, argv=None) -> None:
     p.add_argument("--layer", default=None, help="layer of the first modality to read (default: .X)")
     p.add_argument("--modalities", default=None,
                    help="comma-separated MuData modalities, the first the reference, each optionally "
-                   "with its layer as name:layer (default: rna for one-modality models, rna,prot for "
-                   "the others; --layer applies to the first when it has none)")
+                   "with its layer as name:layer (default: rna for an .h5ad and for one-modality models; "
+                   "for a .h5mu the file's modalities, rna first, as many as the model takes; "
+                   "--layer applies to the first when it has none)")
     p.add_argument("--optional-modalities", default="", help="comma-separated modalities some cells lack")
     p.add_argument("--continuous-modalities", default="",
                    help="comma-separated modalities holding continuous values (log-normalised, CLR, "
@@ -133,6 +134,26 @@ def _modalities(text: str, layer: str | None) -> dict:
     return out
 
 
+def default_modalities(data: str, needs) -> str:
+    """``--modalities`` when not given: ``rna`` for an ``.h5ad`` (one modality) and for models of
+    one modality; for a ``.h5mu`` and a model of several, the file's modalities (``rna`` first when
+    it has one, then the others in the file's order, as many as the model takes)."""
+    low, high = needs.modalities
+    if high == 1 or not str(data).endswith(".h5mu"):
+        return "rna"
+    try:
+        import h5py
+
+        with h5py.File(data, "r") as f:
+            mods = f["mod"] if "mod" in f else {}
+            order = [str(m) for m in getattr(mods, "attrs", {}).get("mod-order", [])]
+            names = [m for m in order if m in mods] + [m for m in mods if m not in order]
+    except OSError:
+        return "rna"  # an unreadable file is reported by the reader, naming the file
+    names = sorted(names, key=lambda m: m != "rna")
+    return ",".join(names[:high]) if names else "rna"
+
+
 def _names(text: str, flag: str) -> list[str]:
     """"a,b" -> ["a", "b"]; an InputError naming ``flag`` when a name is given twice."""
     names = [m.strip() for m in text.split(",") if m.strip()]
@@ -156,8 +177,10 @@ def run(args) -> int:
         raise InputError("<arguments>", "--nproc", f"must be >= 1, got {args.nproc}",
                          "give a number of processes, e.g. --nproc 2")
     cls = MODELS[args.model]
-    default = "rna" if cls.data_needs.modalities[1] == 1 else "rna,prot"
-    modalities = _modalities(args.modalities or default, args.layer)
+    chosen = args.modalities or default_modalities(args.data, cls.data_needs)
+    if args.modalities is None and "," in chosen:
+        print(f"modalities: {chosen} (the file's; --modalities chooses others)")
+    modalities = _modalities(chosen, args.layer)
     first, *rest = modalities
     likelihoods = {}
     if args.likelihood:

@@ -398,11 +398,16 @@ def _modalities(obj, spec: DatasetSpec, source: str) -> dict[str, ad.AnnData]:
     names = list(spec.modalities)
     if not _is_mudata(obj):
         if len(names) != 1:
+            in_obsm = [k for k in getattr(obj, "obsm", {}).keys() if "protein" in k.lower() or "adt" in k.lower()]
+            hint = "" if not in_obsm else (
+                f"; this AnnData keeps .obsm['{in_obsm[0]}'] (scvi-tools' layout for proteins): make a MuData "
+                f"of it in Python, mudata.MuData({{'rna': adata, 'prot': anndata.AnnData(adata.obsm['{in_obsm[0]}'])}})"
+                ", and write it as .h5mu")
             raise InputError(source, "modalities",
                              f"an AnnData holds one modality but the spec names {names}",
                              "give a MuData for several modalities (.h5mu), or a spec with a single "
                              "modality, e.g. {'rna': None} (modalities= in Python; --modalities rna "
-                             "on the CLI, or a model that takes one modality)")
+                             "on the CLI, or a model that takes one modality)" + hint)
         return {names[0]: obj}
     if getattr(obj, "axis", 0) != 0:
         raise InputError(source, "axis",
