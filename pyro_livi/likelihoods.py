@@ -14,17 +14,17 @@ so that ``likelihoods={"rna": "zinb"}`` swaps the observation model with no othe
 
 Registered names (see each class for the parameterisation):
 
-=============== ================================ =========================== ==============
-name            distribution                     feature_params              cell_heads
-=============== ================================ =========================== ==============
-``nb``          negative binomial (mu, theta)    ``log_theta``               --
-``zinb``        zero-inflated negative binomial  ``log_theta``, ``zi_logits`` --
-``nb_mixture``  background/foreground NB mixture ``log_background``,         ``mix_logits``
+=============== ================================ =========================== ============== =========
+name            distribution                     feature_params              cell_heads     support
+=============== ================================ =========================== ============== =========
+``nb``          negative binomial (mu, theta)    ``log_theta``               --             counts
+``zinb``        zero-inflated negative binomial  ``log_theta``, ``zi_logits`` --             counts
+``nb_mixture``  background/foreground NB mixture ``log_background``,         ``mix_logits`` counts
                 (totalVI-style, for proteins)    ``log_theta``
-``poisson``     Poisson(mean)                    --                          --
-``bernoulli``   Bernoulli, P(x=1) = 1-exp(-mean) --                          --
-``normal``      Normal(mean, exp(log_scale))     ``log_scale``               --
-=============== ================================ =========================== ==============
+``poisson``     Poisson(mean)                    --                          --             counts
+``bernoulli``   Bernoulli, P(x=1) = 1-exp(-mean) --                          --             binary
+``normal``      Normal(mean, exp(log_scale))     ``log_scale``               --             real
+=============== ================================ =========================== ============== =========
 
 ``nb_mixture_cell`` is the same mixture with a per-cell background (totalVI): feature param
 ``log_theta``, cell heads ``log_background`` and ``mix_logits``; a model may supply its own
@@ -32,6 +32,11 @@ per-cell values for a cell head (TOTALVI passes its sampled latent log backgroun
 
 Shapes: ``mean`` is (B, G) (cells x features), feature params are (G,), cell heads are (B, G);
 every distribution returned has batch_shape (B, G) and event_shape ().
+
+``support`` (one of :data:`LIKELIHOOD_SUPPORTS`) says which values a likelihood gives a
+density to: ``counts`` (non-negative whole numbers: a modality read as raw counts), ``binary``
+(0 or 1) or ``real`` (any value, e.g. a modality declared continuous). Building a model checks
+it against each modality's data (:func:`pyro_livi.models._base.check_likelihoods`).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from torch.distributions.utils import broadcast_all
 
 __all__ = [
     "LIKELIHOODS",
+    "LIKELIHOOD_SUPPORTS",
     "BernoulliLikelihood",
     "Likelihood",
     "NBLikelihood",
@@ -514,12 +520,17 @@ class Likelihood(abc.ABC):
     feature_init : dict of str to float
         Constant initial value of each feature param (used by the default
         :meth:`init_feature_params`).
+    support : str
+        The observed values the likelihood gives a density to, one of
+        :data:`LIKELIHOOD_SUPPORTS`: ``"counts"`` (non-negative whole numbers, the default),
+        ``"binary"`` (0 or 1), ``"real"`` (any real value).
     """
 
     name: str = ""
     feature_params: tuple[str, ...] = ()
     cell_heads: tuple[str, ...] = ()
     feature_init: dict[str, float] = {}
+    support: str = "counts"
 
     def init_feature_params(
         self, n_features: int, counts_sample: np.ndarray | None = None
@@ -715,6 +726,7 @@ class BernoulliLikelihood(Likelihood):
     without overflow, so log P(x = 0) = -mean exactly. No params."""
 
     name = "bernoulli"
+    support = "binary"
 
     def distribution(self, mean):
         return _Bernoulli(logits=_log_expm1(mean))
@@ -725,6 +737,7 @@ class NormalLikelihood(Likelihood):
     any real). Feature param ``log_scale`` (log standard deviation per feature), init 0.0."""
 
     name = "normal"
+    support = "real"
     feature_params = ("log_scale",)
     feature_init = {"log_scale": 0.0}
 
@@ -743,13 +756,16 @@ def _check_n_features(n_features) -> None:
 
 
 LIKELIHOODS: dict[str, Likelihood] = {}
+#: what a likelihood's observations may be (:attr:`Likelihood.support`)
+LIKELIHOOD_SUPPORTS = ("counts", "binary", "real")
 
 
 def register_likelihood(likelihood: Likelihood, *, replace: bool = False) -> None:
     """Add ``likelihood`` to the registry under ``likelihood.name``.
 
-    Raises ValueError if the name is taken (unless ``replace=True``) or if a param name is
-    listed twice; TypeError if ``likelihood`` is not a :class:`Likelihood`.
+    Raises ValueError if the name is taken (unless ``replace=True``), if a param name is
+    listed twice or if ``support`` is not one of :data:`LIKELIHOOD_SUPPORTS`; TypeError if
+    ``likelihood`` is not a :class:`Likelihood`.
     """
     if not isinstance(likelihood, Likelihood):
         raise TypeError(f"expected a Likelihood instance; got {type(likelihood).__name__}")
@@ -759,6 +775,9 @@ def register_likelihood(likelihood: Likelihood, *, replace: bool = False) -> Non
     names = tuple(likelihood.feature_params) + tuple(likelihood.cell_heads)
     if len(set(names)) != len(names):
         raise ValueError(f"likelihood {name!r} lists a param twice: {names}")
+    if likelihood.support not in LIKELIHOOD_SUPPORTS:
+        raise ValueError(f"likelihood {name!r} has support {likelihood.support!r}; declare one of "
+                         f"{LIKELIHOOD_SUPPORTS}")
     missing_init = set(likelihood.feature_params) - set(likelihood.feature_init)
     if missing_init and type(likelihood).init_feature_params is Likelihood.init_feature_params:
         raise ValueError(f"likelihood {name!r} has no feature_init for {sorted(missing_init)}")

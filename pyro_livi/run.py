@@ -61,11 +61,10 @@ def split_options(name: str, options: dict) -> tuple[dict, dict]:
 
 
 def build_model(name: str, dataset, **options):
-    """Instantiate registered model ``name`` sized for ``dataset``, after checking that the data
-    give what the model needs (:class:`~pyro_livi.models.DataNeeds`). ``options``: the model's
+    """Instantiate registered model ``name`` sized for ``dataset`` (its ``from_dataset`` checks that
+    the data give what the model needs, the options and the likelihoods). ``options``: the model's
     options and ``likelihoods`` ({modality: registered likelihood name})."""
     cls = model_class(name)
-    cls.data_needs.check(dataset, name)
     model_options, schedule = split_options(name, options)
     if schedule:
         raise InputError("<arguments>", next(iter(schedule)), "a training-schedule option, not a model option",

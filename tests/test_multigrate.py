@@ -116,6 +116,9 @@ def test_defaults_follow_the_dataset_and_the_reference():
     stages = Multigrate.default_stages(epochs=200)
     assert [s.name for s in stages] == ["kl_warmup", "train"] and stages[0].epochs == 66
     assert stages[0].kl_warmup.weight(0, 0) == 0.0 and stages[1].early_stopping is not None
+    for epochs, warm in ((1, None), (2, None), (3, None), (5, 10), (5, 2)):  # --epochs is the total
+        stages = Multigrate.default_stages(epochs=epochs, kl_warmup_epochs=warm)
+        assert sum(s.epochs for s in stages) == epochs and all(s.epochs >= 1 for s in stages)
     with_mmd, _ = tiny_model(mmd_key="batch")
     assert with_mmd.mmd_key_index == 0 and with_mmd.mmd_weight == 1.0
     with pytest.raises(ValueError, match="covariate keys"):

@@ -262,3 +262,9 @@ def test_fit_reports_trained_and_held_out_cells(h5ad, capsys, tmp_path, one_torc
     assert "backed (--backed): not given in the checkpoint, given now" in err
     assert "chunk_size (--chunk-size): not given (the default) in the checkpoint, 16 now" in err
     assert "None" not in err
+
+
+def test_a_protein_likelihood_for_a_one_modality_run_is_refused(h5ad, capsys, tmp_path):
+    err = refused(capsys, "fit", "--model", "scvi", "--data", h5ad, "--protein-likelihood", "normal",
+                  "--epochs", "1", "--out", tmp_path / "run")
+    assert "--protein-likelihood" in err and "reads one: rna" in err and not (tmp_path / "run").exists()

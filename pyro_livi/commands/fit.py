@@ -186,6 +186,10 @@ def run(args) -> int:
     if args.likelihood:
         likelihoods[first] = args.likelihood
     if args.protein_likelihood:
+        if not rest:
+            raise InputError("<arguments>", "--protein-likelihood", f"applies to the modalities after the first, "
+                             f"but this run reads one: {first}",
+                             "use --likelihood for the first modality, or name more with --modalities")
         likelihoods.update({m: args.protein_likelihood for m in rest})
     options = {k: getattr(args, k) for k in args.model_options if hasattr(args, k)}
     if likelihoods:

@@ -4,18 +4,25 @@ components, and observation sites built from the likelihood registry."""
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import itertools
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyro
+import scipy.sparse as sp
 import torch
 from pyro.nn import PyroModule, PyroParam
 
 from ..data.batch import Batch
 from ..errors import InputError
 from ..infer.stages import EarlyStopping, Stage
+from ..likelihoods import LIKELIHOODS, Likelihood, get_likelihood
 
 _instance_counter = itertools.count()
 
@@ -125,6 +132,20 @@ class Option:
     schedule : a setting of the model's training schedule (:meth:`ZooModel.default_stages`),
         not of the model itself.
     flags : extra CLI spellings kept for compatibility.
+    at_least, above : lower bound of a number (``at_least``: the value itself allowed;
+        ``above``: only larger values), e.g. ``at_least=1`` for a size, ``at_least=0`` for a
+        penalty weight, ``above=0`` for a learning rate. Every number option declares one.
+    at_most, below : upper bound (inclusive / exclusive), e.g. ``below=1`` for a dropout rate.
+    nullable : None is accepted (the model then chooses, e.g. from a preset); always true when
+        ``default`` is None.
+    per_modality : in Python the value may also be a {modality: value} mapping, each value
+        checked (e.g. one L1 weight per modality).
+
+    :meth:`check` validates a value against this declaration: whole numbers (``type=int``) must
+    be ints (not bools, floats or strings), numbers (``type=float``) ints or floats (finite, not
+    bools or strings), switches (a bool ``default``) bools, lists (``nargs="+"``) one or more
+    elements each checked, and ``choices`` membership. Strings without choices (file paths; in
+    Python also tables) are passed on as given.
     """
 
     default: Any
@@ -134,6 +155,158 @@ class Option:
     choices: tuple | None = None
     schedule: bool = False
     flags: tuple[str, ...] = ()
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    below: float | None = None
+    nullable: bool = False
+    per_modality: bool = False
+
+    @property
+    def element_type(self):
+        """The type of one value: ``type``, else the type of ``default`` (of its first element for
+        lists); None when neither says."""
+        if self.type is not None:
+            return self.type
+        default = self.default
+        if self.nargs and isinstance(default, (list, tuple)) and default:
+            default = default[0]
+        return None if default is None else type(default)
+
+    @property
+    def is_switch(self) -> bool:
+        """A true/false setting (a bool default): ``--flag`` / ``--no-flag`` on the CLI."""
+        return isinstance(self.default, bool)
+
+    @property
+    def is_number(self) -> bool:
+        """A whole number or a number (the options that must declare bounds)."""
+        return not self.is_switch and self.element_type in (int, float)
+
+    @property
+    def has_bounds(self) -> bool:
+        """Whether a lower bound is declared (``at_least`` or ``above``)."""
+        return self.at_least is not None or self.above is not None
+
+    def bounds_text(self) -> str:
+        """The allowed range, e.g. ``">= 1"``, ``"> 0"``, ``"in [0, 1)"``; empty without bounds."""
+        low = high = None  # (value, closed)
+        if self.at_least is not None:
+            low = (self.at_least, True)
+        elif self.above is not None:
+            low = (self.above, False)
+        if self.at_most is not None:
+            high = (self.at_most, True)
+        elif self.below is not None:
+            high = (self.below, False)
+        if low and high:
+            return f"in {'[' if low[1] else '('}{low[0]:g}, {high[0]:g}{']' if high[1] else ')'}"
+        if low:
+            return f"{'>=' if low[1] else '>'} {low[0]:g}"
+        if high:
+            return f"{'<=' if high[1] else '<'} {high[0]:g}"
+        return ""
+
+    def wanted(self) -> str:
+        """What a value must be, in words, e.g. ``"a whole number >= 1"``."""
+        kind = self.element_type
+        if self.is_switch:
+            what = "true or false (a bool)"
+        elif self.choices:
+            what = f"one of {list(self.choices)}"
+        elif kind is int:
+            what = "a whole number"
+        elif kind is float:
+            what = "a finite number"
+        else:
+            what = "a value"
+        bounds = self.bounds_text()
+        if bounds:
+            what += f" {bounds}"
+        if self.nargs:
+            what = f"one or more values, each {what}"
+        if self.nullable or self.default is None:
+            what += ", or None (not set)"
+        if self.per_modality:
+            what += " (in Python also a {modality: value} mapping)"
+        return what
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The CLI flag of the option called ``name``."""
+        return f"--{name.replace('_', '-')}"
+
+    def check(self, name: str, value, source: str = "<arguments>"):
+        """``value`` if it is allowed for option ``name``, normalised (numpy scalars to Python
+        numbers, ints to floats for ``type=float``, a list option's scalar or tuple to a list);
+        raises :class:`~pyro_livi.errors.InputError` naming the keyword, the CLI flag, what the
+        value must be and the fix."""
+        if self.per_modality and isinstance(value, Mapping):
+            return {m: self._check_value(name, v, source) for m, v in value.items()}
+        return self._check_value(name, value, source)
+
+    def _check_value(self, name: str, value, source: str):
+        if value is None:
+            if self.nullable or self.default is None:
+                return None
+            self._refuse(name, value, source)
+        if self.nargs:
+            if isinstance(value, (Mapping, pd.Series)):  # by feature, e.g. {protein: counts} (Python only)
+                for item in (value.values() if isinstance(value, Mapping) else value.to_numpy()):
+                    self._check_one(name, item, value, source)
+                return value
+            if isinstance(value, (str, bytes)) or np.ndim(value) == 0:
+                items = [value]
+            else:
+                items = list(np.asarray(value, dtype=object).ravel()) if isinstance(value, np.ndarray) \
+                    else list(value)
+            if not items:
+                self._refuse(name, value, source)
+            return [self._check_one(name, item, value, source) for item in items]
+        return self._check_one(name, value, value, source)
+
+    def _check_one(self, name: str, item, value, source: str):
+        kind = self.element_type
+        if self.is_switch:
+            if isinstance(item, (bool, np.bool_)):
+                return bool(item)
+            self._refuse(name, value, source)
+        if self.choices is not None:
+            if isinstance(item, str) and item in self.choices:
+                return item
+            self._refuse(name, value, source)
+        if kind is int:
+            if isinstance(item, (bool, np.bool_)) or not isinstance(item, (int, np.integer)):
+                self._refuse(name, value, source)
+            item = int(item)
+        elif kind is float:
+            if isinstance(item, (bool, np.bool_)) or not isinstance(item, (int, float, np.integer, np.floating)):
+                self._refuse(name, value, source)
+            item = float(item)
+            if not math.isfinite(item):
+                self._refuse(name, value, source)
+        else:
+            return item
+        if ((self.at_least is not None and item < self.at_least) or (self.above is not None and item <= self.above)
+                or (self.at_most is not None and item > self.at_most)
+                or (self.below is not None and item >= self.below)):
+            self._refuse(name, value, source)
+        return item
+
+    def _refuse(self, name: str, value, source: str):
+        shown = f"{value!r}" if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else f"{value!r} ({type(value).__name__})"
+        flag = self.flag(name)
+        if self.is_switch:
+            example = f"{flag} or --no-{name.replace('_', '-')} on the CLI, {name}=True or {name}=False in Python"
+        else:
+            default = self.default
+            cli = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            example = (f"e.g. {flag} {cli} on the CLI, {name}={default!r} in Python (the default)"
+                       if default is not None else f"with {flag} on the CLI, {name}= in Python, or leave it "
+                       "unset for the model's choice")
+        raise InputError(source, name, f"{name} ({flag}) must be {self.wanted()}, got {shown}",
+                         f"give {self.wanted()}, {example}")
 
 
 class ZooModel(PyroModule):
@@ -157,6 +330,14 @@ class ZooModel(PyroModule):
     The registry (:data:`pyro_livi.models.MODELS`) sets ``registry_name``. Every instance gets
     a unique Pyro name prefix, so two models in one process never share parameters through
     Pyro's global parameter store.
+
+    Every subclass's ``from_dataset`` checks its inputs before building (wrapped once, when the
+    class is defined; the model files do not call the checks themselves):
+    :meth:`DataNeeds.check` on the dataset, :meth:`check_options` on the declared options, and
+    the likelihoods (:func:`check_likelihoods`: known names, keyed by the data's modalities, and
+    a support that fits each modality's values). ``default_stages`` checks the declared
+    schedule options the same way. Each refusal is an :class:`~pyro_livi.errors.InputError`
+    naming the keyword, the CLI flag and the fix.
     """
 
     registry_name: str = ""
@@ -172,12 +353,67 @@ class ZooModel(PyroModule):
     modalities: tuple[str, ...] = ()
     param_groups: dict[str, str] = {}
     components_all: tuple[str, ...] = ()
+    #: the model observes x > 0 under a binary likelihood (``bernoulli``), so that counts and
+    #: continuous values fit it too; otherwise a binary likelihood needs 0/1 data
+    binarises_data: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for attr, wrap in (("from_dataset", _checked_from_dataset), ("default_stages", _checked_default_stages)):
+            func = getattr(cls, attr).__func__
+            if not getattr(func, "_checks_inputs", False) and func is not _ABSTRACT_FROM_DATASET:
+                setattr(cls, attr, classmethod(wrap(func)))
 
     @classmethod
     def from_dataset(cls, dataset, *, likelihoods=None, counts_sample=None, **options) -> "ZooModel":
         """A model sized for ``dataset``; ``likelihoods`` ({modality: name}) chooses each
         observation site's likelihood, ``counts_sample`` ({modality: (n, G) counts}) serves
-        data-based initialisations, ``options`` are the model's declared options."""
+        data-based initialisations, ``options`` are the model's declared options.
+
+        Raises InputError when the data do not give what the model needs
+        (:attr:`data_needs`), an option is out of its declared range (:meth:`check_options`),
+        or a likelihood is unknown, keyed by a modality the data lack, or does not fit the
+        modality's values (:func:`check_likelihoods`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_options(cls, options: dict, *, schedule: bool | None = None) -> dict:
+        """``options`` with every declared one checked by its :class:`Option` (and normalised);
+        keywords the model does not declare are passed on unchecked. ``schedule=False`` refuses
+        the declared schedule options (they belong to :meth:`default_stages`). Raises
+        InputError naming the keyword, its CLI flag, the allowed values and the fix."""
+        out = dict(options)
+        for name, value in options.items():
+            option = cls.options.get(name)
+            if option is None:
+                continue
+            if schedule is False and option.schedule:
+                raise InputError("<arguments>", name, f"{name} is a setting of the training schedule, not of "
+                                 "the model",
+                                 f"give it to pyro_livi.run.fit ({Option.flag(name)} of `pyro-livi fit`), or to "
+                                 f"{cls.__name__}.default_stages")
+            out[name] = option.check(name, value)
+        return out
+
+    # ----------------------------------------------------------------------- model / guide
+    def model(self, batch: Batch, observed: bool = True):
+        """The generative model of one minibatch (each model's docstring gives its equations).
+
+        ``batch`` (:class:`~pyro_livi.data.batch.Batch`) holds B cells: ``x[m]`` (B, G_m)
+        values of each modality m, ``size_factor[m]`` (B,) total counts, ``present[m]`` (B,)
+        whether the cell was measured in m, ``donor`` (B,) donor codes, ``covariates``
+        (B, n_covariates) category codes, ``index`` (B,) cell positions in the dataset.
+        ``observed=True`` conditions every observation site ``obs_<m>`` on ``batch.x[m]``
+        (training); ``observed=False`` draws them, as for posterior predictive checks:
+        ``Predictive(model.model, guide=model.guide, num_samples=S)(batch, observed=False)``
+        returns ``obs_<m>`` of shape (S, B, G_m), whereas with the default the "draws" are
+        the observed values themselves.
+        """
+        raise NotImplementedError
+
+    def guide(self, batch: Batch, observed: bool = True):
+        """The variational distribution of every latent site of :meth:`model` for ``batch``
+        (same arguments; ``observed`` is accepted for the signature and changes nothing)."""
         raise NotImplementedError
 
     @classmethod
@@ -252,3 +488,142 @@ class ZooModel(PyroModule):
     def pyro_param_name(self, param_name: str) -> str:
         """Name under which a parameter appears at Pyro param sites."""
         return f"{self._pyro_name}.{param_name.removesuffix('_unconstrained')}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The checks every from_dataset / default_stages runs (ZooModel.__init_subclass__ wraps them)
+# ----------------------------------------------------------------------------------------------
+
+_ABSTRACT_FROM_DATASET = ZooModel.from_dataset.__func__
+#: True while a checked from_dataset runs: one model's from_dataset calling another's checks once
+_BUILDING = contextvars.ContextVar("pyro_livi_building_model", default=False)
+
+
+def _checked_from_dataset(func):
+    """``func`` (a model's ``from_dataset``) after the data, option and likelihood checks."""
+
+    @functools.wraps(func)
+    def from_dataset(cls, dataset, *, likelihoods=None, counts_sample=None, **options):
+        if _BUILDING.get():
+            return func(cls, dataset, likelihoods=likelihoods, counts_sample=counts_sample, **options)
+        cls.data_needs.check(dataset, cls.registry_name or cls.__name__)
+        options = cls.check_options(options, schedule=False)
+        likelihoods = check_likelihoods(dataset, likelihoods, binarises=cls.binarises_data)
+        token = _BUILDING.set(True)
+        try:
+            model = func(cls, dataset, likelihoods=likelihoods, counts_sample=counts_sample, **options)
+        finally:
+            _BUILDING.reset(token)
+        chosen = {m: lik for m, lik in getattr(model, "likelihoods", {}).items()
+                  if m in dataset.modalities and m not in (likelihoods or {})}
+        check_likelihoods(dataset, chosen, binarises=model.binarises_data)  # the model's defaults
+        return model
+
+    from_dataset._checks_inputs = True
+    return from_dataset
+
+
+def _checked_default_stages(func):
+    """``func`` (a model's ``default_stages``) after checking the declared schedule options."""
+
+    @functools.wraps(func)
+    def default_stages(cls, *args, **schedule_options):
+        return func(cls, *args, **cls.check_options(schedule_options))
+
+    default_stages._checks_inputs = True
+    return default_stages
+
+
+def _likelihood_fix(dataset, modality: str, name: str) -> str:
+    """How to choose likelihood ``name`` for ``modality``, on the CLI and in Python."""
+    flag = "--likelihood" if modality == dataset.modalities[0] else "--protein-likelihood"
+    return f"{flag} {name} on the CLI, likelihoods={{'{modality}': '{name}'}} in Python"
+
+
+def check_likelihoods(dataset, likelihoods, *, binarises: bool = False) -> dict | None:
+    """``likelihoods`` ({modality: registered name or :class:`Likelihood`}; one name: every
+    modality) as a dict, after checking that each key is a modality of ``dataset``, each name is
+    registered and each likelihood's :attr:`~pyro_livi.likelihoods.Likelihood.support` fits the
+    modality's values:
+
+    - ``counts`` (nb, zinb, nb_mixture, poisson): the modality holds raw counts (not declared
+      continuous);
+    - ``binary`` (bernoulli): every stored value is 0 or 1 (read from the stored matrix in
+      chunks, sparse blocks kept sparse), unless ``binarises`` (the model observes x > 0);
+    - ``real`` (normal): any values.
+
+    Raises InputError naming the modality, the likelihood, the CLI flag (``--likelihood`` for the
+    first modality, ``--protein-likelihood`` for the others) or ``likelihoods=``, and the fix."""
+    if likelihoods is None:
+        return None
+    modalities = list(dataset.modalities)
+    if isinstance(likelihoods, (str, Likelihood)):
+        likelihoods = {m: likelihoods for m in modalities}
+    if not isinstance(likelihoods, Mapping):
+        raise InputError("<arguments>", "likelihoods", f"expected {{modality: likelihood name}}, got "
+                         f"{type(likelihoods).__name__}",
+                         f"give a dict, e.g. likelihoods={{'{modalities[0]}': 'nb'}}")
+    unknown = [m for m in likelihoods if m not in modalities]
+    if unknown:
+        raise InputError(dataset.source, "likelihoods",
+                         f"likelihoods are given for {unknown}, which the data were not read with; the "
+                         f"data's modalities are {modalities}",
+                         f"key likelihoods by the data's modalities, e.g. likelihoods={{'{modalities[0]}': 'nb'}} "
+                         "in Python (on the CLI --likelihood sets the first modality's, --protein-likelihood "
+                         "every other one's), or read the modality too (--modalities / modalities=)")
+    out = {}
+    for m, name in likelihoods.items():
+        try:
+            lik = get_likelihood(name)
+        except (ValueError, TypeError):
+            raise InputError("<arguments>", f"likelihoods['{m}']", f"unknown likelihood {name!r} for modality '{m}'",
+                             f"choose one of {sorted(LIKELIHOODS)}, e.g. {_likelihood_fix(dataset, m, 'nb')}") from None
+        _check_support(dataset, m, lik, binarises)
+        out[m] = name
+    return out
+
+
+def _check_support(dataset, modality: str, lik: Likelihood, binarises: bool) -> None:
+    support = getattr(lik, "support", "counts")
+    continuous = modality in set(dataset.spec.continuous_modalities)
+    field = f"likelihoods['{modality}']"
+    if support == "counts" and continuous:
+        raise InputError(dataset.source, field,
+                         f"likelihood '{lik.name}' of modality '{modality}' models non-negative whole-number "
+                         f"counts, but '{modality}' was read as continuous values (--continuous-modalities / "
+                         "continuous_modalities=)",
+                         f"choose a likelihood of real values ({_likelihood_fix(dataset, modality, 'normal')}), "
+                         f"or read the raw counts of '{modality}' (e.g. --modalities {modality}:counts) and "
+                         "leave it out of --continuous-modalities / continuous_modalities")
+    if support == "binary" and not binarises:
+        bad = first_non_binary(dataset, modality)
+        if bad is not None:
+            feature, value = bad
+            alternative = "normal" if continuous else "poisson"
+            raise InputError(dataset.source, field,
+                             f"likelihood '{lik.name}' of modality '{modality}' models 0/1 values, but "
+                             f"'{modality}' holds other values, e.g. {value:g} for feature '{feature}'",
+                             "binarise the data before reading them (e.g. adata.X = (adata.X > 0)"
+                             ".astype('float32')), or choose a likelihood of "
+                             f"{'real values' if continuous else 'counts'} "
+                             f"({_likelihood_fix(dataset, modality, alternative)})")
+
+
+def first_non_binary(dataset, modality: str):
+    """``(feature name, value)`` of the first stored value of ``modality`` that is neither 0 nor
+    1, or None when every value is 0 or 1. Reads the stored matrix in chunks (in memory or on
+    disk alike); sparse blocks stay sparse, so the cost is one pass over the stored values."""
+    matrix = dataset._matrices[modality]
+    for _, _, block in matrix.chunks():
+        if sp.issparse(block):
+            block = block.tocoo()
+            values, cols = block.data, block.col
+        else:
+            block = np.asarray(block)
+            values, cols = block.reshape(-1), None
+        bad = (values != 0) & (values != 1)
+        if bad.any():
+            k = int(np.argmax(bad))
+            col = int(cols[k]) if cols is not None else k % block.shape[1]
+            return str(dataset.feature_names[modality][col]), float(values[k])
+    return None

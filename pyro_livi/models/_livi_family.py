@@ -5,6 +5,7 @@ per-group learning rates (DESIGN section 3)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pyro
 import pyro.distributions as dist
@@ -17,23 +18,30 @@ LIVI_OUTPUTS = ("latent", "donor_factors", "assignment", "loadings", "dispersion
 
 #: options of every member of the family: the donor terms and the staged schedule
 LIVI_OPTIONS = {
-    "n_dxc": Option(100, "K_DxC, number of donor x cell-state interaction factors D", type=int),
-    "n_persistent": Option(5, "K_V, number of persistent donor factors V", type=int),
+    "n_dxc": Option(100, "K_DxC, number of donor x cell-state interaction factors D", type=int, at_least=1),
+    "n_persistent": Option(5, "K_V, number of persistent donor factors V", type=int, at_least=1),
     "donor_guide": Option("delta", "point estimates (delta) or a Normal posterior for D and V",
                           choices=("delta", "normal")),
-    "l1_weight": Option(1e-3, "lambda_DxC, L1 weight on the interaction loadings W_DxC (per cell)", type=float),
+    "l1_weight": Option(1e-3, "lambda_DxC, L1 weight on the interaction loadings W_DxC (per cell)", type=float,
+                        at_least=0),
     "a_weight": Option(1e-3, "lambda_A, weight of the penalty pushing A = sigmoid(A_logits) to 0/1 (per cell)",
-                       type=float),
+                       type=float, at_least=0),
     "encoder_input": Option("log1p", "what the encoders read: log1p(counts) or raw counts",
                             choices=("log1p", "raw")),
-    "epochs_vae": Option(60, "epochs of the VAE stage (stage 1)", type=int, schedule=True),
+    "epochs_vae": Option(60, "epochs of the VAE stage (stage 1); 0 skips it", type=int, schedule=True, at_least=0),
     "warmup_epochs_G": Option(0, "epochs of V alone (VAE frozen) before D joins; 0 skips the stage", type=int,
-                              schedule=True),
+                              schedule=True, at_least=0),
     "persistent_in_vae_stage": Option(
         False, "train V and W_V jointly with the VAE in stage 1, so that the cell state does not absorb "
         "persistent donor effects (recommended; the paper trains the VAE alone)", schedule=True),
     "donor_lr": Option(1e-2, "Adam learning rate of the donor parts (D, V, A, W_DxC, W_V)", type=float,
-                       schedule=True),
+                       schedule=True, above=0),
+}
+
+#: the options of the multimodal members: the same, with one L1 weight per modality allowed in Python
+MULTIMODAL_LIVI_OPTIONS = {
+    **LIVI_OPTIONS,
+    "l1_weight": replace(LIVI_OPTIONS["l1_weight"], per_modality=True),
 }
 
 

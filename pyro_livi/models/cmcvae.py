@@ -157,29 +157,30 @@ class CMCVAE(ZooModel):
     data_needs = DataNeeds(modalities=(2, 2), inputs="any", donors="unused", missing_modalities=False,
                            preferred_inputs=("counts", "counts"))
     options = {
-        "n_rna_nodes": Option(10, "K_R, latent nodes decoding to the RNA", type=int),
-        "n_prot_nodes": Option(5, "K_P, latent nodes decoding to the proteins", type=int),
-        "n_hidden": Option(128, "width of the encoder's hidden layers", type=int),
-        "n_layers": Option(1, "hidden layers of the encoder", type=int),
-        "dropout_rate": Option(0.1, "dropout probability in the encoder", type=float),
-        "beta": Option(1.0, "weight of the KL divergence of the latent nodes z", type=float),
+        "n_rna_nodes": Option(10, "K_R, latent nodes decoding to the RNA", type=int, at_least=1),
+        "n_prot_nodes": Option(5, "K_P, latent nodes decoding to the proteins", type=int, at_least=1),
+        "n_hidden": Option(128, "width of the encoder's hidden layers", type=int, at_least=1),
+        "n_layers": Option(1, "hidden layers of the encoder (0: a linear map)", type=int, at_least=0),
+        "dropout_rate": Option(0.1, "dropout probability in the encoder", type=float, at_least=0, below=1),
+        "beta": Option(1.0, "weight of the KL divergence of the latent nodes z (> 0)", type=float, above=0),
         "lambda_dag": Option(1.0, "weight of the acyclicity h(A) per cell in the first path-following "
-                             "round", type=float),
-        "dag_factor": Option(10.0, "increase of the acyclicity weight per path-following round", type=float),
+                             "round", type=float, at_least=0),
+        "dag_factor": Option(10.0, "increase of the acyclicity weight per path-following round", type=float,
+                             at_least=1),
         "dag_s": Option(list(DEFAULT_S), "s of h_s in each path-following round (the last repeats)",
-                        type=float, nargs="+"),
-        "s_step": Option(0.1, "increase of s while A lies outside the domain of h_s", type=float),
-        "lambda_sparse": Option(0.01, "weight of |A|_1 per cell", type=float),
-        "lambda_dec": Option(0.01, "weight of the decoders' |W|_1 per cell", type=float),
-        "lambda_ortho": Option(1.0, "weight of ||W W^T - I||_F^2 per cell", type=float),
-        "lambda_prior": Option(1.0, "weight of the prior-edge margin loss per cell", type=float),
+                        type=float, nargs="+", above=0),
+        "s_step": Option(0.1, "increase of s while A lies outside the domain of h_s", type=float, above=0),
+        "lambda_sparse": Option(0.01, "weight of |A|_1 per cell", type=float, at_least=0),
+        "lambda_dec": Option(0.01, "weight of the decoders' |W|_1 per cell", type=float, at_least=0),
+        "lambda_ortho": Option(1.0, "weight of ||W W^T - I||_F^2 per cell", type=float, at_least=0),
+        "lambda_prior": Option(1.0, "weight of the prior-edge margin loss per cell", type=float, at_least=0),
         "prior_margin": Option(0.1, "margin of a prior edge's effect over its reverse (linear-predictor "
-                               "units)", type=float),
+                               "units)", type=float, at_least=0),
         "acyclic": Option("all", "acyclicity on the whole graph, or within each modality only",
                           choices=ACYCLIC),
         "cross_edges": Option("both", "allowed cross-modality edges", choices=CROSS_EDGES),
         "edge_threshold": Option(0.3, "|A| below which an edge is left out of the reported graph",
-                                 type=float),
+                                 type=float, at_least=0),
         "prior": Option(None, "TSV/CSV of prior edges between features (columns source, target, "
                         "optional sign); names are gene or protein names, 'rna:NAME' / 'prot:NAME' "
                         "when both modalities have the name", type=str),
@@ -188,9 +189,10 @@ class CMCVAE(ZooModel):
         "init": Option("varimax", "initial decoders: principal axes of a cell sample rotated by varimax "
                        "(sparse), the principal axes themselves, or random orthonormal rows", choices=INITS),
         "dag_rounds": Option(3, "path-following rounds (training stages, the acyclicity weight rising "
-                             "dag_factor-fold per round)", type=int, schedule=True),
+                             "dag_factor-fold per round)", type=int, schedule=True, at_least=1,
+                             at_most=MAX_DAG_ROUNDS),
         "warm_fraction": Option(0.5, "epochs of each round but the last, as a fraction of --epochs "
-                                "(the last round runs --epochs)", type=float, schedule=True),
+                                "(the last round runs --epochs)", type=float, schedule=True, at_least=0),
     }
     outputs = ("latent", "loadings", "dispersions")
     latent_name = "latent"
@@ -418,7 +420,10 @@ class CMCVAE(ZooModel):
         rna, prot = self.modalities
         h = torch.cat([self._encoder_scale(rna, batch.x[rna], batch.size_factor[rna]),
                        self._encoder_scale(prot, batch.x[prot], batch.size_factor[prot])], dim=-1)
-        h = self.encoder(h, self._covariates(batch))
+        cov = self._covariates(batch)
+        h = self.encoder(h, cov)
+        if cov is not None and not self.encoder.blocks:  # no hidden layer: the covariates join the input
+            h = torch.cat([h, cov], dim=-1)
         return self.z_loc(h), torch.sqrt(self.z_log_var(h).exp() + 1e-4)
 
     def exogenous(self, z: torch.Tensor) -> torch.Tensor:
@@ -518,6 +523,11 @@ class CMCVAE(ZooModel):
 
     @pyro_method
     def model(self, batch: Batch, observed: bool = True):
+        """CMC-VAE's eq. 1 (seed 003) for the B cells of ``batch``: ``z`` (B, K_R + K_P) from the
+        linear SCM over the nodes (KL scaled by ``beta``), ``obs_<rna>`` (B, G) and ``obs_<prot>``
+        (B, P) from the linear decoders, and the acyclicity / sparsity / prior penalty factors.
+        ``observed=False`` draws both observation sites instead of conditioning on the data
+        (posterior predictive checks; see :meth:`ZooModel.model`)."""
         rna, prot = self.modalities
         A = self.A
         W_R, W_P = self.decoders()
@@ -535,6 +545,8 @@ class CMCVAE(ZooModel):
 
     @pyro_method
     def guide(self, batch: Batch, observed: bool = True):
+        """q(z_i | x_i, y_i, s_i) = Normal(encoder) with a diagonal covariance, ``z`` (B, K_R + K_P);
+        ``observed`` changes nothing."""
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             loc, scale = self.encode(batch)
             with poutine.scale(scale=self.beta):

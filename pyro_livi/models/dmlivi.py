@@ -49,7 +49,7 @@ from ..penalties import alignment_penalty, disentanglement_penalty
 from ..poe import product_of_experts
 from .livi import LINKS
 from ._base import DataNeeds, Option
-from ._livi_family import LIVI_OPTIONS, LIVI_OUTPUTS
+from ._livi_family import LIVI_OUTPUTS, MULTIMODAL_LIVI_OPTIONS
 from .multislivi import MultimodalLIVIBase, _per_modality
 
 INTERACTION_INPUTS = ("shared", "shared_specific")
@@ -98,18 +98,19 @@ class DMLIVI(MultimodalLIVIBase):
     outputs = LIVI_OUTPUTS + ("specific_state",)
     options = {
         "n_shared": Option(15, "K_shared, dimension of the shared cell state c", type=int,
-                           flags=("--n-cell-state",)),
-        **LIVI_OPTIONS,
+                           flags=("--n-cell-state",), at_least=1),
+        **MULTIMODAL_LIVI_OPTIONS,
         "protein_weight": Option(1.0, "weight lambda of every modality after the first (the MultiSLIVI paper uses 50 to "
-                                 "200; the first keeps 1)", type=float),
+                                 "200; the first keeps 1; > 0)", type=float, above=0),
         "link": Option("identity", "map of c into the decoders", choices=tuple(LINKS)),
         "interaction_link": Option("softmax", "map of c into the interaction", choices=tuple(LINKS)),
         "prior_expert": Option(True, "include the N(0, I) expert in the product of experts"),
         "interaction_input": Option("shared", "what enters the interaction: c, or c and s^m",
                                     choices=INTERACTION_INPUTS),
-        "align_weight": Option(1.0, "lambda_align, weight of the shared-encoder alignment (per cell)", type=float),
+        "align_weight": Option(1.0, "lambda_align, weight of the shared-encoder alignment (per cell)", type=float,
+                               at_least=0),
         "disent_weight": Option(1.0, "lambda_disent, weight of the disentanglement penalty (per cell)",
-                                type=float),
+                                type=float, at_least=0),
     }
 
     def __init__(
@@ -225,6 +226,11 @@ class DMLIVI(MultimodalLIVIBase):
     # ---------------------------------------------------------------------- model / guide
     @pyro_method
     def model(self, batch: Batch, observed: bool = True):
+        """DMLIVI's eq. 12-18 (seed 001) for the B cells of ``batch``: sites ``V``, ``D`` (donor
+        plate, while on), ``c`` (B, K_shared), ``s_<m>`` (B, K_m) and ``obs_<m>`` (B, G_m) per
+        modality (masked where ``batch.present[m]`` is False), and the penalty factors.
+        ``observed=False`` draws every ``obs_<m>`` instead of conditioning on the counts (posterior
+        predictive checks; see :meth:`ZooModel.model`)."""
         D, V = self._donor_sites()
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             c = pyro.sample("c", self._standard_normal(batch, self.n_shared))
@@ -241,6 +247,9 @@ class DMLIVI(MultimodalLIVIBase):
 
     @pyro_method
     def guide(self, batch: Batch, observed: bool = True):
+        """q(c_i) = product of the measured modalities' experts (eq. 12), q(s_i^m) = Normal(specific
+        encoder m) (the prior where the cell lacks m), and the donor guide; shapes as in
+        :meth:`model`; ``observed`` changes nothing."""
         self._donor_guide_sites()
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             post = self.posteriors(batch)

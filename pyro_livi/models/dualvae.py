@@ -114,10 +114,10 @@ class DualVAE(_PairedVAEBase):
     options = {
         **_COMMON_OPTIONS,
         "hidden": Option([256], "hidden widths of every encoder of both branches; decoders mirror them (thesis "
-                         "preset: 2048)", type=int, nargs="+"),
+                         "preset: 2048)", type=int, nargs="+", at_least=1, nullable=True),
         "alignment": Option("l2", "latent alignment: l2 (posterior means), skl (symmetric KL of the posteriors) "
                             "or fusion (learned shared latent)", choices=ALIGNMENTS),
-        "align_weight": Option(1.0, "lambda, weight of the alignment penalty per cell", type=float),
+        "align_weight": Option(1.0, "lambda, weight of the alignment penalty per cell", type=float, at_least=0),
         "peak_loss": Option(None, "with a normal peak likelihood: mse, or weighted_mse (zero and non-zero peak "
                             "values weighted to equal total weight; default under the thesis preset)",
                             type=str, choices=PEAK_LOSSES),
@@ -217,6 +217,10 @@ class DualVAE(_PairedVAEBase):
     # ---------------------------------------------------------------------- model / guide
     @pyro_method
     def model(self, batch: Batch, observed: bool = True):
+        """The dual VAE of seed 004 (eq. 3.22-3.35) for the B cells of ``batch``: ``z_<m>`` (B, K)
+        ~ N(0, I) per branch (KL scaled by ``kl_weight``), ``obs_<m>`` (B, F_m) from each branch's
+        decoder, and the alignment factor. ``observed=False`` draws both observation sites instead
+        of conditioning on the data (posterior predictive checks; see :meth:`ZooModel.model`)."""
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             z = {}
             with poutine.scale(scale=self.kl_weight):
@@ -230,6 +234,8 @@ class DualVAE(_PairedVAEBase):
 
     @pyro_method
     def guide(self, batch: Batch, observed: bool = True):
+        """q(z_<m> | x^m) = Normal(encoder m) for each branch, each (B, K); ``observed`` changes
+        nothing."""
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             post = self.posteriors(batch)
             with poutine.scale(scale=self.kl_weight):

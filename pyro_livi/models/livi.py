@@ -1,6 +1,7 @@
 """LIVI: Latent Interaction Variational Inference (seed 001, "The original LIVI model", eq. 2-4).
 
-Generative model, for cell i of donor y(i) with counts x_i over G genes::
+Generative model, for cell i of donor y(i) with counts x_i over G genes (one modality, of any
+name; its site is ``obs_<modality>``, ``obs_rna`` for the usual ``rna``)::
 
     d_y ~ Normal(0, I_{K_DxC}),  v_y ~ Normal(0, I_{K_V})          donor plate
     c_i ~ Normal(0, I_{K_C})                                       cell plate
@@ -52,7 +53,9 @@ class LIVI(DonorFactorsMixin, ZooModel):
         per-gene offset table of shape (n_categories, G).
     n_cell_state, n_dxc, n_persistent : K_C, K_DxC, K_V.
     encoder_hidden : widths of the encoder's MLP blocks.
-    likelihood : registered likelihood name for ``obs_rna`` (see :mod:`pyro_livi.likelihoods`).
+    likelihood : registered likelihood name of ``obs_<modality>`` (see :mod:`pyro_livi.likelihoods`).
+    modality : name of the modality (default ``"rna"``): it names the observation site
+        ``obs_<modality>`` and the likelihood's parameters ``lik_<modality>_*``.
     link : link of the cell-state term, "softmax" (reference) or "identity" (the paper's
         ``W_C c``). The interaction always uses ``softmax(c)`` (eq. 2).
     donor_guide : "delta" (point estimates, default) or "normal" (posterior uncertainty).
@@ -65,13 +68,12 @@ class LIVI(DonorFactorsMixin, ZooModel):
     reference = "seed 001 (LIVI, eq. 2-4); PMBio/LIVI"
     data_needs = DataNeeds(modalities=(1, 1), inputs="counts", donors="required")
     options = {
-        "n_cell_state": Option(15, "K_C, dimension of the cell state c", type=int),
+        "n_cell_state": Option(15, "K_C, dimension of the cell state c", type=int, at_least=1),
         **LIVI_OPTIONS,
-        "encoder_hidden": Option((128,), "widths of the encoder's MLP blocks", type=int, nargs="+"),
+        "encoder_hidden": Option((128,), "widths of the encoder's MLP blocks", type=int, nargs="+", at_least=1),
         "link": Option("softmax", "link of the cell-state decoder term", choices=tuple(LINKS)),
         "batch_norm": Option(False, "BatchNorm over genes before the softmax (reference option)"),
     }
-    modalities = ("rna",)
     #: parameter-name prefix -> parameter group (what a training stage trains or freezes)
     param_groups = {
         "encoder": "encoder",
@@ -105,6 +107,7 @@ class LIVI(DonorFactorsMixin, ZooModel):
         l1_weight: float = 1e-3,
         a_weight: float = 1e-3,
         batch_norm: bool = False,
+        modality: str = "rna",
         counts_sample=None,
         name: str | None = None,
     ):
@@ -118,8 +121,9 @@ class LIVI(DonorFactorsMixin, ZooModel):
             n_cell_state=n_cell_state, n_dxc=n_dxc, n_persistent=n_persistent,
             encoder_hidden=list(encoder_hidden), encoder_input=encoder_input, likelihood=likelihood,
             link=link, donor_guide=donor_guide, l1_weight=l1_weight, a_weight=a_weight,
-            batch_norm=batch_norm,
+            batch_norm=batch_norm, modality=modality,
         )
+        self.modalities = (modality,)
         self.n_genes, self.n_donors = n_genes, n_donors
         self.n_cell_state, self.n_dxc, self.n_persistent = n_cell_state, n_dxc, n_persistent
         self.link = LINKS[link]
@@ -141,21 +145,21 @@ class LIVI(DonorFactorsMixin, ZooModel):
         for k, n_cat in enumerate(n_covariate_categories):
             setattr(self, f"cov_offset_{k}", PyroParam(torch.zeros(n_cat, n_genes)))
         self.bn = PyroModule[torch.nn.BatchNorm1d](n_genes) if batch_norm else None
-        self.likelihoods = {"rna": get_likelihood(likelihood)}
-        self._init_likelihood_params("rna", n_genes, n_cell_state, counts_sample)
+        self.likelihoods = {modality: get_likelihood(likelihood)}
+        self._init_likelihood_params(modality, n_genes, n_cell_state, counts_sample)
         #: the frozen encoder's output per cell in the donor stages (see FrozenEncoderCache)
         self._posterior_cache = FrozenEncoderCache()
 
     @classmethod
     def from_dataset(cls, dataset, *, likelihoods=None, counts_sample=None, **options) -> "LIVI":
-        """LIVI sized for ``dataset`` (one modality, its donors and covariate categories);
-        ``likelihoods`` ({modality: name}) sets ``likelihood``."""
+        """LIVI sized for ``dataset`` (its one modality, whatever its name, its donors and
+        covariate categories); ``likelihoods`` ({modality: name}) sets ``likelihood``."""
         (modality,) = dataset.modalities
         if likelihoods and modality in likelihoods:
             options["likelihood"] = likelihoods[modality]
         n_cov = [len(c) for c in dataset.covariate_categories.values()]
         return cls(dataset.n_features[modality], len(dataset.donor_index), n_covariate_categories=n_cov,
-                   counts_sample=(counts_sample or {}).get(modality), **options)
+                   modality=modality, counts_sample=(counts_sample or {}).get(modality), **options)
 
     # ----------------------------------------------------------------- pieces of eq. 2-3
     @property
@@ -180,25 +184,34 @@ class LIVI(DonorFactorsMixin, ZooModel):
     # ----------------------------------------------------------------------- model / guide
     @pyro_method
     def model(self, batch: Batch, observed: bool = True):
+        """LIVI's eq. 2-4 for a minibatch of B cells: sites ``V``, ``D`` (donor plate, while their
+        components are on), ``c`` (B, K_C), ``obs_<modality>`` (B, G) and the penalty factors.
+        ``batch.x[modality]`` (B, G) counts, ``batch.size_factor[modality]`` (B,) totals,
+        ``batch.donor`` (B,). ``observed=False`` draws ``obs_<modality>`` instead of conditioning
+        on the counts (posterior predictive: ``Predictive(m.model, guide=m.guide)(batch,
+        observed=False)``; with the default the sampled site is the observed counts)."""
+        m = self.modalities[0]
         D, V = self._donor_sites()
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             c = pyro.sample("c", dist.Normal(self.W_C.new_zeros(self.n_cell_state), 1.0).to_event(1))
-            mean = torch.softmax(self._logits(c, batch, D, V), dim=-1) * batch.size_factor["rna"][:, None]
-            self._observe("rna", mean, self.link(c), batch, observed)
+            mean = torch.softmax(self._logits(c, batch, D, V), dim=-1) * batch.size_factor[m][:, None]
+            self._observe(m, mean, self.link(c), batch, observed)
         if D is not None:
             self._interaction_penalties(batch.n_cells, {"penalty_l1_W_DxC": (self.W_DxC, self.l1_weight)})
 
     @pyro_method
     def guide(self, batch: Batch, observed: bool = True):
+        """q(c_i) = Normal(encoder(x_i)) for the B cells of ``batch``, and the donor guide
+        (Delta or Normal at ``D_loc``, ``V_loc``); ``observed`` changes nothing."""
         self._donor_guide_sites()
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
-            loc, scale = self._posterior_cache(self.encoder, batch.x["rna"], batch.index, batch.n_cells)
+            loc, scale = self._posterior_cache(self.encoder, batch.x[self.modalities[0]], batch.index, batch.n_cells)
             pyro.sample("c", dist.Normal(loc, scale).to_event(1))
 
     # ------------------------------------------------------------------- posterior summaries
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior (loc, scale) of the cell state c, each (B, K_C)."""
-        return self.encoder(batch.x["rna"])
+        return self.encoder(batch.x[self.modalities[0]])
 
     def loadings(self) -> dict[str, torch.Tensor]:
         """Decoder gene loadings: {"W_C": (K_C, G), "W_DxC": (K_DxC, G), "W_V": (K_V, G)}."""

@@ -155,25 +155,26 @@ class MOFA(ZooModel):
     data_needs = DataNeeds(modalities=(1, None), inputs="any", donors="unused", missing_modalities=True,
                            preferred_inputs=("continuous",))
     options = {
-        "n_factors": Option(10, "K, number of factors", type=int),
+        "n_factors": Option(10, "K, number of factors", type=int, at_least=1),
         "prior": Option("horseshoe", "sparsity prior of the loadings, per view and factor", choices=PRIORS),
-        "slab_df": Option(4.0, "degrees of freedom nu of the horseshoe's slab", type=float),
+        "slab_df": Option(4.0, "degrees of freedom nu of the horseshoe's slab", type=float, above=0),
         "slab_scale": Option(1.0, "scale s of the horseshoe's slab, in units of the linear predictor",
-                             type=float),
+                             type=float, above=0),
         "global_scale": Option(None, "tau0, scale of the horseshoe's view scales (default: "
-                               "0.1 / 0.9 / sqrt(n_cells))", type=float),
-        "spike_ratio": Option(0.05, "spike sd / slab sd of the spike-and-slab prior", type=float),
+                               "0.1 / 0.9 / sqrt(n_cells))", type=float, above=0),
+        "spike_ratio": Option(0.05, "spike sd / slab sd of the spike-and-slab prior", type=float, above=0),
         "init": Option("pca", "initial loadings: PCA of a cell sample (the centred views side by side, "
                        "unscaled, as mofapy2) or random", choices=INITS),
         "prune_snr": Option(1.0, "switch a factor off in a view at the end of training when its "
                             "signal-to-noise ratio there is below this multiple of the largest that pure "
-                            "noise reaches, (1 + sqrt(G_m / N_m))^2 - 1; 0 keeps every factor", type=float),
+                            "noise reaches, (1 + sqrt(G_m / N_m))^2 - 1; 0 keeps every factor", type=float,
+                            at_least=0),
         "prune_epochs": Option(0.1, "fraction of the epochs trained after the switch-off (the last stage)",
-                               type=float, schedule=True),
+                               type=float, schedule=True, at_least=0, at_most=1),
         "factor_lr": Option(0.01, "Adam learning rate of every parameter (overrides --lr)", type=float,
-                            schedule=True),
+                            schedule=True, above=0),
         "lr_decay": Option(0.1, "learning rate at the last epoch relative to the first", type=float,
-                           schedule=True),
+                           schedule=True, above=0),
     }
     outputs = ("latent", "loadings", "dispersions", "variance_explained")
     latent_name = "factors"
@@ -388,6 +389,12 @@ class MOFA(ZooModel):
 
     @pyro_method
     def model(self, batch: Batch, observed: bool = True):
+        """MOFA's generative model (module docstring; Argelaguet et al. 2018, 2020): the sparse
+        loadings ``W_<m>`` (K, G_m) with their prior's scale sites, ``z`` (B, K) ~ N(0, I) for the
+        B cells of ``batch``, and ``obs_<m>`` (B, G_m) ~ likelihood(link(b_m + z W_m)) per view
+        (masked where ``batch.present[m]`` is False). ``observed=False`` draws every ``obs_<m>``
+        instead of conditioning on the data (posterior predictive checks; see
+        :meth:`ZooModel.model`)."""
         K = self.n_factors
         W = {}
         active = self.active_factors()
@@ -411,6 +418,8 @@ class MOFA(ZooModel):
 
     @pyro_method
     def guide(self, batch: Batch, observed: bool = True):
+        """Mean-field guide of the loadings and their scale sites (Normal / LogNormal), and q(z_i)
+        (B, K) in closed form from the views (module docstring); ``observed`` changes nothing."""
         for m in self.modalities:
             for site, shape in self._scale_sites(m).items():
                 q = self._q_positive(site, shape)

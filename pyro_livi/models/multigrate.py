@@ -180,24 +180,27 @@ class Multigrate(ZooModel):
     data_needs = DataNeeds(modalities=(1, None), inputs="any", donors="unused", missing_modalities=True,
                            preferred_inputs=("counts", "continuous"))
     options = {
-        "n_latent": Option(16, "K, dimension of the joint latent z", type=int),
-        "n_hidden": Option(128, "width of the hidden layers of encoders and decoders", type=int),
-        "n_layers": Option(2, "hidden layers in every encoder and decoder", type=int),
-        "dropout_rate": Option(0.2, "dropout probability in encoders and decoders", type=float),
+        "n_latent": Option(16, "K, dimension of the joint latent z", type=int, at_least=1),
+        "n_hidden": Option(128, "width of the hidden layers of encoders and decoders", type=int, at_least=1),
+        "n_layers": Option(2, "hidden layers in every encoder and decoder (0: linear maps)", type=int, at_least=0),
+        "dropout_rate": Option(0.2, "dropout probability in encoders and decoders", type=float, at_least=0,
+                               below=1),
         "covariate_encoding": Option("embedding", "how covariates enter the networks",
                                      choices=COVARIATE_ENCODINGS),
-        "cond_dim": Option(16, "size of each covariate embedding", type=int),
+        "cond_dim": Option(16, "size of each covariate embedding", type=int, at_least=1),
         "condition_encoders": Option(False, "feed the covariates to the encoders"),
         "condition_decoders": Option(True, "feed the covariates to the decoders"),
         "kl_weight": Option(1e-5, "weight of the KL term per cell after the warm-up (the reference's; 1 "
-                            "gives the ELBO)", type=float),
+                            "gives the ELBO)", type=float, above=0),
         "mmd_key": Option(None, "covariate key (one of --covariate-keys) whose groups the MMD on z aligns; "
                           "unset: no MMD", type=str),
-        "mmd_weight": Option(None, "weight of the MMD per cell (default 1 when --mmd-key is given)", type=float),
+        "mmd_weight": Option(None, "weight of the MMD per cell (default 1 when --mmd-key is given)", type=float,
+                             at_least=0),
         "expert_dropout": Option(0.5, "training only: probability of leaving a measured modality's expert "
-                                 "out of a cell's product (at least one kept); 0: the reference", type=float),
+                                 "out of a cell's product (at least one kept); 0: the reference", type=float,
+                                 at_least=0, below=1),
         "kl_warmup_epochs": Option(None, "epochs over which the KL weight rises from 0 (default epochs // 3, "
-                                   "at least 1)", type=int, schedule=True),
+                                   "at least 1)", type=int, schedule=True, at_least=1),
     }
     outputs = ("latent", "modality_latent", "dispersions")
     latent_name = "latent"
@@ -319,18 +322,21 @@ class Multigrate(ZooModel):
     @classmethod
     def default_stages(cls, *, epochs: int, patience: int | None = 20, kl_warmup_epochs: int | None = None,
                        **schedule_options) -> list[Stage]:
-        """Two stages training everything: "kl_warmup", ``kl_warmup_epochs`` epochs (default
-        ``epochs // 3``, the reference's, at least 1) in which the KL weight rises linearly
-        from 0 to 1 (:class:`~pyro_livi.infer.KLWarmup`), then "train", the rest of
-        ``epochs`` (at least 1) at full KL weight, stopped early after ``patience`` epochs
-        without improvement (None: never). Early stopping waits for the end of the warm-up,
-        whose rising KL term would otherwise read as a stalled loss."""
+        """``epochs`` epochs in all, in two stages training everything: "kl_warmup",
+        ``kl_warmup_epochs`` epochs (default ``epochs // 3``, the reference's; at most
+        ``epochs``) in which the KL weight rises linearly from 0 to 1
+        (:class:`~pyro_livi.infer.KLWarmup`), then "train", the rest at full KL weight, stopped
+        early after ``patience`` epochs without improvement (None: never). Early stopping waits
+        for the end of the warm-up, whose rising KL term would otherwise read as a stalled loss.
+        A stage left with no epoch is dropped (``epochs`` < 3 by default: no warm-up)."""
         if schedule_options:
             raise TypeError(f"unexpected schedule options {sorted(schedule_options)}")
-        warm = max(1, epochs // 3 if kl_warmup_epochs is None else int(kl_warmup_epochs))
+        warm = min(epochs, epochs // 3 if kl_warmup_epochs is None else int(kl_warmup_epochs))
         stop = EarlyStopping(patience=patience) if patience else None
-        return [Stage("kl_warmup", warm, train=("all",), kl_warmup=KLWarmup(epochs=warm)),
-                Stage("train", max(1, epochs - warm), train=("all",), early_stopping=stop)]
+        stages = [Stage("kl_warmup", warm, train=("all",), kl_warmup=KLWarmup(epochs=warm))] if warm else []
+        if epochs > warm:
+            stages.append(Stage("train", epochs - warm, train=("all",), early_stopping=stop))
+        return stages
 
     # ------------------------------------------------------------------------- pieces
     def covariate_codes(self, covariates: torch.Tensor) -> torch.Tensor | None:
@@ -384,6 +390,11 @@ class Multigrate(ZooModel):
     # ---------------------------------------------------------------------- model / guide
     @pyro_method
     def model(self, batch: Batch, observed: bool = True):
+        """Multigrate's generative model (seed 002 section 5.1, eq. 1-5) for the B cells of
+        ``batch``: ``z`` (B, K) ~ N(0, I) (KL scaled by ``kl_weight``), ``obs_<m>`` (B, G_m) per
+        modality (masked where ``batch.present[m]`` is False), and the MMD factor with
+        ``mmd_key``. ``observed=False`` draws every ``obs_<m>`` instead of conditioning on the
+        data (posterior predictive checks; see :meth:`ZooModel.model`)."""
         ref = batch.x[self.modalities[0]]
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             with poutine.scale(scale=self.kl_weight):
@@ -397,6 +408,8 @@ class Multigrate(ZooModel):
 
     @pyro_method
     def guide(self, batch: Batch, observed: bool = True):
+        """q(z_i) = product of the measured modalities' Gaussian experts (experts dropped at random
+        in training, ``expert_dropout``), ``z`` (B, K); ``observed`` changes nothing."""
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             mask = self._expert_mask(batch)
             if self.training and self.expert_dropout > 0:

@@ -38,7 +38,7 @@ from ..data.batch import Batch
 from ..likelihoods import get_likelihood
 from ..nn import GaussianEncoder
 from ._base import DataNeeds, Option, ZooModel
-from ._livi_family import LIVI_OPTIONS, DonorFactorsMixin
+from ._livi_family import MULTIMODAL_LIVI_OPTIONS, DonorFactorsMixin
 from .livi import LINKS
 
 
@@ -104,8 +104,11 @@ class MultimodalLIVIBase(DonorFactorsMixin, ZooModel):
         self.l1_weights = {m: float(w) for m, w in
                            _per_modality(l1_weight, self.modalities, "l1_weight", 1e-3).items()}
         self.a_weight = float(a_weight)
-        if any(w < 0 for w in (*self.modality_weights.values(), *self.l1_weights.values(), self.a_weight)):
-            raise ValueError("modality weights and penalty weights must be >= 0")
+        if any(w <= 0 for w in self.modality_weights.values()):
+            raise ValueError(f"modality weights must be > 0 (they scale the observation sites), got "
+                             f"{self.modality_weights}")
+        if any(w < 0 for w in (*self.l1_weights.values(), self.a_weight)):
+            raise ValueError("penalty weights must be >= 0")
         counts_sample = counts_sample if isinstance(counts_sample, Mapping) else {}
 
         self.A_logits = PyroParam(torch.randn(n_a_rows, n_dxc))
@@ -218,11 +221,11 @@ class MultiSLIVI(MultimodalLIVIBase):
     reference = "seed 001 (MultiSLIVI, eq. 5-11); seed 000"
     data_needs = DataNeeds(modalities=(1, None), inputs="counts", donors="required")
     options = {
-        "n_cell_state": Option(15, "K_C, dimension of the shared cell state c", type=int),
-        **LIVI_OPTIONS,
-        "encoder_hidden": Option((128,), "widths of the encoder's MLP blocks", type=int, nargs="+"),
+        "n_cell_state": Option(15, "K_C, dimension of the shared cell state c", type=int, at_least=1),
+        **MULTIMODAL_LIVI_OPTIONS,
+        "encoder_hidden": Option((128,), "widths of the encoder's MLP blocks", type=int, nargs="+", at_least=1),
         "protein_weight": Option(1.0, "weight lambda of every modality after the first (the MultiSLIVI paper uses 50 to "
-                                 "200; the first keeps 1)", type=float),
+                                 "200; the first keeps 1; > 0)", type=float, above=0),
         "link": Option("softmax", "link of the cell-state decoder term", choices=tuple(LINKS)),
     }
 
@@ -269,6 +272,11 @@ class MultiSLIVI(MultimodalLIVIBase):
     # ----------------------------------------------------------------------- model / guide
     @pyro_method
     def model(self, batch: Batch, observed: bool = True):
+        """MultiSLIVI's eq. 5-11 (seed 001) for the B cells of ``batch``: sites ``V``, ``D`` (donor
+        plate, while their components are on), ``c`` (B, K_C), one ``obs_<m>`` (B, G_m) per modality
+        scaled by lambda_m, and the penalty factors; ``batch.x[m]`` (B, G_m) counts,
+        ``size_factor[m]`` (B,), ``donor`` (B,). ``observed=False`` draws every ``obs_<m>`` instead
+        of conditioning on the counts (posterior predictive checks; see :meth:`ZooModel.model`)."""
         D, V = self._donor_sites()
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             c = pyro.sample("c", self._standard_normal(batch, self.n_cell_state))
@@ -281,6 +289,9 @@ class MultiSLIVI(MultimodalLIVIBase):
 
     @pyro_method
     def guide(self, batch: Batch, observed: bool = True):
+        """q(c_i) = Normal(encoder(x_i^1, ..., x_i^M)) (the modalities side by side, eq. 5), ``c``
+        (B, K_C), and the donor guide (Delta or Normal at ``D_loc``, ``V_loc``); ``observed``
+        changes nothing."""
         self._donor_guide_sites()
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             loc, scale = self.encoder(self._encoder_input(batch))

@@ -49,10 +49,11 @@ class SCVI(ZooModel):
     reference = "seed 002 (baseline of the comparisons); Lopez et al. 2018; scvi-tools SCVI"
     data_needs = DataNeeds(modalities=(1, 1), inputs="counts", donors="unused")
     options = {
-        "n_latent": Option(10, "K, dimension of the latent z", type=int),
-        "n_hidden": Option(128, "width of the hidden layers", type=int),
-        "n_layers": Option(1, "hidden layers in the encoder and in the decoder", type=int),
-        "dropout_rate": Option(0.1, "dropout probability in the encoder", type=float),
+        "n_latent": Option(10, "K, dimension of the latent z", type=int, at_least=1),
+        "n_hidden": Option(128, "width of the hidden layers", type=int, at_least=1),
+        "n_layers": Option(1, "hidden layers in the encoder and in the decoder (0: linear maps)", type=int,
+                           at_least=0),
+        "dropout_rate": Option(0.1, "dropout probability in the encoder", type=float, at_least=0, below=1),
         "norm": Option("batch", "normalisation of the hidden layers", choices=NORMS),
     }
     outputs = ("latent", "dispersions")
@@ -96,6 +97,11 @@ class SCVI(ZooModel):
     # ----------------------------------------------------------------------- model / guide
     @pyro_method
     def model(self, batch: Batch, observed: bool = True):
+        """scVI's generative model (Lopez et al. 2018; module docstring) for the B cells of ``batch``:
+        ``z`` (B, K) ~ N(0, I), ``obs_<modality>`` (B, G) ~ likelihood(l_i softmax(W f(z_i, s_i) + b)),
+        with ``batch.x[m]`` (B, G) counts, ``size_factor[m]`` (B,) totals l_i and ``covariates``
+        (B, n_covariates) codes s_i. ``observed=False`` draws ``obs_<modality>`` instead of
+        conditioning on the counts (posterior predictive checks; see :meth:`ZooModel.model`)."""
         m = self.modalities[0]
         cov = one_hot_covariates(batch.covariates, self.n_categories)
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
@@ -106,6 +112,7 @@ class SCVI(ZooModel):
 
     @pyro_method
     def guide(self, batch: Batch, observed: bool = True):
+        """q(z_i | x_i, s_i) = Normal(encoder(log1p x_i, s_i)), ``z`` (B, K); ``observed`` changes nothing."""
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             loc, scale = self.encode(batch)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))

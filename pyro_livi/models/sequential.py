@@ -158,6 +158,8 @@ class _PairedVAEBase(ZooModel):
                            preferred_inputs=("counts", "counts"))
     outputs = ("latent", "dispersions")
     latent_name = "latent"
+    #: ``bernoulli`` observes the binarised values x > 0 (:meth:`observed_values`)
+    binarises_data = True
 
     #: settings of Table 3.2 that ``preset="thesis"`` gives (subclasses fill it)
     thesis_preset: dict = {}
@@ -279,7 +281,7 @@ class _PairedVAEBase(ZooModel):
         warm = KLWarmup(epochs=int(kl_warmup_epochs), beta_min=float(kl_warmup_start), beta_max=1.0)
         stop = EarlyStopping(patience=patience) if patience else None
         if epochs <= kl_warmup_epochs:
-            return [Stage("kl_warmup", max(1, int(epochs)), train=("all",), kl_warmup=warm)]
+            return [Stage("kl_warmup", int(epochs), train=("all",), kl_warmup=warm)]
         return [Stage("kl_warmup", int(kl_warmup_epochs), train=("all",), kl_warmup=warm),
                 Stage("train", int(epochs) - int(kl_warmup_epochs), train=("all",), early_stopping=stop)]
 
@@ -355,18 +357,19 @@ _COMMON_OPTIONS = {
     "preset": Option("none", "'thesis': the settings of Table 3.2 of Yousefi Razin 2026 (K 256, hidden [1024] (dual: "
                      "[2048]), tanh, kl_weight 0.1, normal likelihoods at the MSE scale on preprocessed "
                      "values); options given explicitly override it", choices=PRESETS),
-    "n_latent": Option(20, "K, dimension of each latent (thesis preset: 256)", type=int),
+    "n_latent": Option(20, "K, dimension of each latent (thesis preset: 256)", type=int, at_least=1, nullable=True),
     "hidden": Option([256], "hidden widths of every encoder; decoders mirror them (thesis preset: 1024)",
-                     type=int, nargs="+"),
-    "activation": Option("relu", "activation of the MLPs (thesis preset: tanh)", choices=tuple(ACTIVATIONS)),
+                     type=int, nargs="+", at_least=1, nullable=True),
+    "activation": Option("relu", "activation of the MLPs (thesis preset: tanh)", choices=tuple(ACTIVATIONS),
+                         nullable=True),
     "kl_weight": Option(1.0, "beta_max, weight of the KL terms per cell after the warm-up (> 0; 1 gives the "
-                        "ELBO; thesis preset: 0.1)", type=float),
+                        "ELBO; thesis preset: 0.1)", type=float, above=0, nullable=True),
     "normal_scale": Option("mse", "scale of 'normal' likelihoods: 'mse' fixes sigma^2 = n_features / 2 so the "
                            "loss is the thesis's MSE; 'learned' learns one scale per feature", choices=NORMAL_SCALES),
     "kl_warmup_epochs": Option(20, "T of eq. 3.36: epochs over which the KL weight rises to kl_weight",
-                               type=int, schedule=True),
+                               type=int, schedule=True, at_least=1),
     "kl_warmup_start": Option(0.0, "KL weight at epoch 0 as a fraction of kl_weight (beta_min / beta_max)",
-                              type=float, schedule=True),
+                              type=float, schedule=True, at_least=0, at_most=1),
 }
 
 
@@ -435,6 +438,11 @@ class _SequentialVAE(_PairedVAEBase):
     # ---------------------------------------------------------------------- model / guide
     @pyro_method
     def model(self, batch: Batch, observed: bool = True):
+        """The sequential VAE of seed 004 (eq. 3.1-3.11 for GPG, 3.12-3.21 for PGP) for the B cells
+        of ``batch``: ``z1``, ``z2`` (B, K) ~ N(0, I) (KL scaled by ``kl_weight``), the middle
+        modality observed from z1 and the source modality from z2 (``obs_<m>``, (B, F_m)).
+        ``observed=False`` draws both observation sites instead of conditioning on the data
+        (posterior predictive checks; see :meth:`ZooModel.model`)."""
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             with poutine.scale(scale=self.kl_weight):
                 z1 = pyro.sample("z1", self._prior(batch))
@@ -446,6 +454,8 @@ class _SequentialVAE(_PairedVAEBase):
 
     @pyro_method
     def guide(self, batch: Batch, observed: bool = True):
+        """q(z1 | source) and q(z2 | Decoder 1's output at the sampled z1), each (B, K); ``observed``
+        changes nothing."""
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             mu1, logvar1 = self.encoder1(self.encoder_input(self.source_modality, batch))
             with poutine.scale(scale=self.kl_weight):

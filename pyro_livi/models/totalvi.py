@@ -241,11 +241,12 @@ class TOTALVI(ZooModel):
     reference = "seed 002 section 5.2; Gayoso et al. 2021 (totalVI); scvi-tools TOTALVI"
     data_needs = DataNeeds(modalities=(2, 2), inputs="counts", donors="unused", missing_modalities=True)
     options = {
-        "n_latent": Option(20, "K, dimension of the latent z", type=int),
-        "n_hidden": Option(256, "width of the hidden layers", type=int),
-        "n_layers_encoder": Option(2, "hidden layers of the encoder", type=int),
-        "n_layers_decoder": Option(1, "hidden layers of each decoder", type=int),
-        "dropout_rate": Option(0.2, "dropout probability in encoder and decoders", type=float),
+        "n_latent": Option(20, "K, dimension of the latent z", type=int, at_least=1),
+        "n_hidden": Option(256, "width of the hidden layers", type=int, at_least=1),
+        "n_layers_encoder": Option(2, "hidden layers of the encoder", type=int, at_least=1),
+        "n_layers_decoder": Option(1, "hidden layers of each decoder", type=int, at_least=1),
+        "dropout_rate": Option(0.2, "dropout probability in encoder and decoders", type=float, at_least=0,
+                               below=1),
         "norm": Option("batch", "normalisation of the hidden layers", choices=NORMS),
         "latent_library": Option(False, "latent LogNormal RNA library size with a per-batch empirical "
                                  "prior (default: the observed total count)"),
@@ -253,14 +254,14 @@ class TOTALVI(ZooModel):
                                   "batch, pooled over proteins (scvi-tools), or none", choices=BACKGROUND_INITS),
         "background_prior_mean": Option(None, "fixed background prior mean of each protein, in counts, "
                                         "in the order of the protein features (e.g. from empty droplets)",
-                                        type=float, nargs="+"),
+                                        type=float, nargs="+", above=0),
         "protein_panel": Option(None, "TSV of measured proteins per batch (rows: categories of the "
                                 "first covariate key, columns: protein names, 1/0); unmeasured "
                                 "proteins are missing for that batch's cells", type=str),
         "kl_warmup_factor": Option(0.75, "KL warm-up length: factor x n_cells optimiser steps with "
-                                   "--n-cells, else factor x epochs", type=float, schedule=True),
+                                   "--n-cells, else factor x epochs", type=float, schedule=True, at_least=0),
         "n_cells": Option(None, "cells in the training data, for totalVI's warm-up of "
-                          "kl_warmup_factor x n_cells steps", type=int, schedule=True),
+                          "kl_warmup_factor x n_cells steps", type=int, schedule=True, at_least=1),
     }
     outputs = ("latent", "dispersions", "protein_foreground")
     latent_name = "latent"
@@ -536,6 +537,11 @@ class TOTALVI(ZooModel):
     # ----------------------------------------------------------------------- model / guide
     @pyro_method
     def model(self, batch: Batch, observed: bool = True):
+        """totalVI's generative model (Gayoso et al. 2021; module docstring) for the B cells of
+        ``batch``: ``z`` (B, K), ``log_library`` (B,) with ``latent_library``, ``log_beta`` (B, T),
+        ``obs_<rna>`` (B, G) and ``obs_<prot>`` (B, T) (masked where a cell or a batch lacks the
+        protein). ``observed=False`` draws both observation sites instead of conditioning on the
+        counts (posterior predictive checks; see :meth:`ZooModel.model`)."""
         rna, prot = self.modalities
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             z = pyro.sample("z", dist.Normal(batch.size_factor[rna].new_zeros(self.n_latent), 1.0).to_event(1))
@@ -553,6 +559,8 @@ class TOTALVI(ZooModel):
 
     @pyro_method
     def guide(self, batch: Batch, observed: bool = True):
+        """q(z | x, y, s), q(log l | x, y, s) (``latent_library``) and q(log beta | z, s) for the B
+        cells of ``batch`` (shapes as in :meth:`model`); ``observed`` changes nothing."""
         with pyro.plate("cells", batch.n_cells, subsample=batch.index):
             loc, scale = self.encode(batch)
             z = pyro.sample("z", dist.Normal(loc, scale).to_event(1))
