@@ -852,6 +852,25 @@ class SingleCellDataset:
             covariates=torch.from_numpy(self.covariate_codes[idx].copy()),
         )
 
+    def first_non_binary(self, modality: str) -> tuple[str, float] | None:
+        """``(feature name, value)`` of the first stored value of ``modality`` that is neither 0
+        nor 1, or None when every value is 0 or 1 (what a Bernoulli likelihood needs). Reads the
+        stored matrix in chunks (in memory or on disk alike); sparse blocks stay sparse, so the
+        cost is one pass over the stored values."""
+        for _, _, block in self._matrices[modality].chunks():
+            if sp.issparse(block):
+                block = block.tocoo()
+                values, cols = block.data, block.col
+            else:
+                block = np.asarray(block)
+                values, cols = block.reshape(-1), None
+            bad = (values != 0) & (values != 1)
+            if bad.any():
+                k = int(np.argmax(bad))
+                col = int(cols[k]) if cols is not None else k % block.shape[1]
+                return str(self.feature_names[modality][col]), float(values[k])
+        return None
+
     def counts_sample(self, modality: str, n: int = 2000, seed: int = 0) -> np.ndarray:
         """Dense float32 counts of up to ``n`` random cells measured in ``modality``.
 

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyro
-import scipy.sparse as sp
 import torch
 from pyro.nn import PyroModule, PyroParam
 
@@ -596,7 +595,7 @@ def _check_support(dataset, modality: str, lik: Likelihood, binarises: bool) -> 
                          f"or read the raw counts of '{modality}' (e.g. --modalities {modality}:counts) and "
                          "leave it out of --continuous-modalities / continuous_modalities")
     if support == "binary" and not binarises:
-        bad = first_non_binary(dataset, modality)
+        bad = dataset.first_non_binary(modality)
         if bad is not None:
             feature, value = bad
             alternative = "normal" if continuous else "poisson"
@@ -607,23 +606,3 @@ def _check_support(dataset, modality: str, lik: Likelihood, binarises: bool) -> 
                              ".astype('float32')), or choose a likelihood of "
                              f"{'real values' if continuous else 'counts'} "
                              f"({_likelihood_fix(dataset, modality, alternative)})")
-
-
-def first_non_binary(dataset, modality: str):
-    """``(feature name, value)`` of the first stored value of ``modality`` that is neither 0 nor
-    1, or None when every value is 0 or 1. Reads the stored matrix in chunks (in memory or on
-    disk alike); sparse blocks stay sparse, so the cost is one pass over the stored values."""
-    matrix = dataset._matrices[modality]
-    for _, _, block in matrix.chunks():
-        if sp.issparse(block):
-            block = block.tocoo()
-            values, cols = block.data, block.col
-        else:
-            block = np.asarray(block)
-            values, cols = block.reshape(-1), None
-        bad = (values != 0) & (values != 1)
-        if bad.any():
-            k = int(np.argmax(bad))
-            col = int(cols[k]) if cols is not None else k % block.shape[1]
-            return str(dataset.feature_names[modality][col]), float(values[k])
-    return None
