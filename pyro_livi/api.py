@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,7 @@ class Model:
         self.module = build_model(model, self.dataset, **model_options)
         self.name = model
         self.history: pd.DataFrame | None = None
+        self._trained = False
         self._donors, self._categories = self.dataset.donor_index, self.dataset.covariate_categories
 
     @classmethod
@@ -75,6 +77,7 @@ class Model:
         self = cls.__new__(cls)
         self.module, self.dataset, self.spec, self.data = module, dataset, spec, data
         self.name, self.history, self._schedule_options = type(module).registry_name, history, {}
+        self._trained = True  # a saved model
         self._donors, self._categories = meta["donor_index"], meta["covariate_categories"]
         self._feature_names = meta["feature_names"]
         return self
@@ -113,19 +116,27 @@ class Model:
         trainer = Trainer(self.module, self.dataset.subset(train) if held is not None else self.dataset, stages,
                           config, checkpoint_dir=checkpoint_dir, validation=held)
         self.history = trainer.fit(resume=resume)
+        self._trained = True
         self.module.to("cpu")
         return self.history
 
     # --------------------------------------------------------------------- data of new cells
     def _cells(self, adata):
         """The training cells, or ``adata`` read as the model was fitted (its spec, donors and
-        covariate categories; unseen donors or categories raise an InputError)."""
+        covariate categories; unseen donors or categories raise an InputError). Warns when the
+        model has not been trained (its outputs are those of the initial parameters)."""
+        self._warn_if_untrained()
         if adata is None:
             if self.dataset is None:
                 raise InputError("<arguments>", "adata", "this model was loaded without data",
                                  "pass the cells: adata=... (or Model.load(path, adata=...))")
             return self.dataset
         return read_dataset(adata, self.spec, donor_index=self._donors, covariate_categories=self._categories)
+
+    def _warn_if_untrained(self) -> None:
+        if not self._trained:
+            warnings.warn(f"querying an untrained {self.name} model: its outputs come from the initial "
+                          "parameters; call .train() first", UserWarning, stacklevel=3)
 
     # ---------------------------------------------------------------------------- summaries
     def get_latent_representation(self, adata=None, *, give_mean: bool = True, latent: str | None = None,
@@ -163,6 +174,7 @@ class Model:
         """Donor x factor tables (e.g. LIVI's ``D`` and ``V``); empty for donor-free models."""
         if "donor_factors" not in self.module.outputs:
             return {}
+        self._warn_if_untrained()
         return donor_factor_tables(self.module, self._donors)
 
     # ----------------------------------------------------------------------------- write-back

@@ -268,3 +268,13 @@ def test_a_protein_likelihood_for_a_one_modality_run_is_refused(h5ad, capsys, tm
     err = refused(capsys, "fit", "--model", "scvi", "--data", h5ad, "--protein-likelihood", "normal",
                   "--epochs", "1", "--out", tmp_path / "run")
     assert "--protein-likelihood" in err and "reads one: rna" in err and not (tmp_path / "run").exists()
+
+
+def test_querying_an_untrained_model_warns(one_torch_thread):
+    m = Model(make_adata(), "scvi", n_latent=2, n_hidden=8)
+    with pytest.warns(UserWarning, match="untrained scvi model.*train"):
+        m.get_latent_representation()
+    m.train(max_epochs=1, batch_size=64, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        m.get_latent_representation()

@@ -86,6 +86,12 @@ class DataNeeds:
                              f"model '{model}' has donor factors and needs the donor of every cell",
                              "name the .obs column with the donor ids: --donor-key on the CLI, "
                              "donor_key= in Python")
+        if self.donors == "required" and len(dataset.donor_index) < 2:
+            raise InputError(dataset.source, "donor_key",
+                             f"model '{model}' separates donors from each other, but the data hold "
+                             f"{len(dataset.donor_index)} donor ({list(dataset.donor_index.ids)})",
+                             "give cells of several donors (a population), or fit a donor-free model "
+                             "such as scvi (`pyro-livi models` lists them)")
         continuous = set(dataset.spec.continuous_modalities)
         for m in dataset.modalities:
             layer = dataset.spec.modalities[m]
