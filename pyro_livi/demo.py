@@ -132,7 +132,8 @@ def run_demo(out: str | Path, *, seed: int = 0, config: SimulationConfig | None 
     """Run the whole job into ``out``; returns the recovery figures (also in ``summary.md``).
 
     ``quick``: the smaller population and model of :meth:`SimulationConfig.quick` and
-    :meth:`DemoSettings.quick` (for ``config`` / ``settings`` not given).
+    :meth:`DemoSettings.quick` (for ``config`` / ``settings`` not given). ``progress``: print
+    each step (the closing line with the recovery figures is printed either way).
 
     Raises InputError (field ``--out``) when ``out`` is a file, or holds an earlier demo's
     outputs (:func:`demo_outputs`) and not ``overwrite`` (``--overwrite``), which replaces them
@@ -183,9 +184,9 @@ def run_demo(out: str | Path, *, seed: int = 0, config: SimulationConfig | None 
                     seed=seed, fdr=settings.fdr)
     (out / "summary.json").write_text(json.dumps(recovery, indent=2, default=float))
     (out / "summary.md").write_text(_summary_markdown(recovery, config, settings, result.history))
-    say(f"found {recovery['n_planted_found']} of {recovery['n_planted_snps']} planted SNPs; "
-        f"{recovery['n_false_pairs']} of {recovery['n_significant_pairs']} significant pairs not planted; "
-        f"genomic inflation {recovery['lambda_gc']:.3f}; {recovery['seconds']:.0f} s. Summary: {out / 'summary.md'}")
+    print(f"found {recovery['n_planted_found']} of {recovery['n_planted_snps']} planted SNPs; "
+          f"{recovery['n_false_pairs']} of {recovery['n_significant_pairs']} significant pairs not planted; "
+          f"genomic inflation {recovery['lambda_gc']:.3f}; {recovery['seconds']:.0f} s. Summary: {out / 'summary.md'}")
     return recovery
 
 

@@ -31,7 +31,7 @@ SPLIT_FILE = "split.tsv"
 
 @dataclass
 class FitResult:
-    """A fitted model with its data and the tables written to RUN_DIR."""
+    """A fitted model with its data and its output tables (also written to RUN_DIR when given)."""
 
     model: object
     dataset: object
@@ -223,7 +223,8 @@ def fit(
                           **parallel)
     history = trainer.fit(resume=resume)
     net.to("cpu")
-    result = FitResult(model=net, dataset=dataset, history=history, validation=validation)
+    result = FitResult(model=net, dataset=dataset, history=history, validation=validation,
+                       tables=output_tables(net, dataset) if main else {})
     if out is not None and main:
         write_run_dir(result, out, spec=spec.to_dict(), arguments=arguments)
     if context is not None:
@@ -260,7 +261,7 @@ def write_run_dir(result: FitResult, out: str | Path, *, spec: dict | None = Non
     save_model(model, out, donor_index=dataset.donor_index,
                covariate_categories=dataset.covariate_categories,
                feature_names=dataset.feature_names, spec=spec)
-    tables = output_tables(model, dataset)
+    tables = result.tables or output_tables(model, dataset)
     for name, table in tables.items():
         table.to_csv(out / f"{name}.tsv", sep="\t")
     result.history.to_csv(out / "history.tsv", sep="\t", index=False)

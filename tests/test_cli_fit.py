@@ -83,3 +83,19 @@ def test_default_modalities_follow_the_file_and_the_model(tmp_path, capsys):
     assert main(["fit", "--model", "mofa", "--data", path, "--epochs", "2", "--n-factors", "2",
                  "--out", str(tmp_path / "run3")]) == 0
     assert "modalities: rna,adt,hto (the file's" in capsys.readouterr().out
+
+
+def test_python_fit_returns_the_tables_with_or_without_a_run_dir(tmp_path):
+    import anndata as ad
+
+    from pyro_livi.run import fit
+
+    rng = np.random.default_rng(1)
+    adata = ad.AnnData(rng.poisson(3.0, size=(60, 12)).astype(np.float32))
+    kw = dict(model="scvi", epochs=2, batch_size=32, n_latent=2, n_hidden=8, progress=False)
+    bare = fit(adata, **kw)
+    written = fit(adata, out=tmp_path / "run", **kw)
+    assert set(bare.tables) == set(written.tables) == {"latent", "dispersions_rna"}
+    pd.testing.assert_frame_equal(bare.tables["latent"], written.tables["latent"])
+    on_disk = pd.read_csv(tmp_path / "run" / "latent.tsv", sep="\t", index_col=0)
+    np.testing.assert_allclose(on_disk.to_numpy(), bare.tables["latent"].to_numpy(), rtol=1e-6)

@@ -217,6 +217,9 @@ def test_cli_assembles_preprocesses_and_names_flags_in_errors(tmp_path, capsys):
     result = md.read_h5mu(out)
     assert result.n_obs == 57 and result.mod["rna"].n_vars == 15
     assert "counts" in result.mod["adt"].layers
+    code = main(["preprocess", "--assemble", f"rna={tmp_path / 'rna.h5ad'}",  # assembling alone
+                 f"adt={tmp_path / 'adt.h5ad'}", "--join", "outer", "--out", str(tmp_path / "outer.h5mu")])
+    assert code == 0 and md.read_h5mu(tmp_path / "outer.h5mu").n_obs == 60
 
     code = main(["preprocess", "--data", str(out), "--out", str(out), "--rna", "lognorm"])
     assert code == 2 and "--out" in capsys.readouterr().err

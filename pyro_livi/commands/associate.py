@@ -123,9 +123,10 @@ def summary(report: dict) -> str:
         lines.append(note)
     n_deg = report["pvalue_method"].get("n_factors_with_degenerate_null_model", 0)
     if n_deg:
+        test = ("the likelihood-ratio test, as --pvalue-method lrt asked"
+                if report["pvalue_method"]["requested"] == "lrt" else "the exact F-test")
         lines.append(f"null models with residual variance ~0 (degenerate): {n_deg} of "
-                     f"{len(report['factors']['tested'])} factors (p-values from the "
-                     "exact F-test unless --pvalue-method lrt)")
+                     f"{len(report['factors']['tested'])} factors (their p-values from {test})")
     for warning in report.get("warnings", []):
         lines.append(f"warning: {warning}")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a smaller population (80 donors, ~2,000 cells, 200 genes, 500 SNPs) and model "
                    "for a first look in well under a minute")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true", help="no progress output (the closing result line is still printed)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the outputs of an earlier demo in --out (refused without it; other files stay)")
     p.set_defaults(func=run)

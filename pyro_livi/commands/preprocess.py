@@ -142,9 +142,10 @@ def run(args) -> int:
     files = _pairs(args.assemble, "--assemble", "PATH") if args.assemble else None
     pair = args.pair or args.require_paired
     min_features = {k: _int(v, "--min-features") for k, v in _pairs(args.min_features, "--min-features", "N").items()}
-    if not recipes and args.subsample is None and args.subsample_fraction is None and not pair and not min_features:
+    if (not recipes and args.subsample is None and args.subsample_fraction is None and not pair
+            and not min_features and files is None):
         raise InputError("<arguments>", "--rna/--prot/--atac/--recipe", "nothing to do",
-                         "give a recipe for at least one modality, --subsample or --pair")
+                         "give a recipe for at least one modality, --subsample, --pair or --assemble")
     out = Path(args.out)
     source = args.data if files is None else ", ".join(files.values())
     flags = {**FLAGS, **{n: f"--recipe {n}=RECIPE" for n in recipes if n not in FLAGS}}

@@ -506,7 +506,9 @@ def _align(ref_name: str, ref_names: pd.Index, name: str, names: pd.Index, optio
         f"({_preview(missing.tolist(), 5)}), {len(extra)} cell(s) of '{name}' are not in "
         f"'{ref_name}' ({_preview(extra.tolist(), 5)})",
         f"keep only the cells measured in both (e.g. muon.pp.intersect_obs(mdata)), or, if "
-        f"some cells truly lack '{name}', list it in the spec's 'optional_modalities'")
+        f"some cells truly lack '{name}', declare it optional (--optional-modalities {name} on the "
+        f"CLI, optional_modalities=['{name}'] in Python) with a model that takes cells lacking a "
+        "modality (`pyro-livi models` lists them)")
 
 
 def _obs_column(obj, ref: ad.AnnData, key: str, spec_field: str, source: str) -> pd.Series:

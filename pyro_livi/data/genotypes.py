@@ -661,8 +661,10 @@ def _numeric_block(table: pd.DataFrame, cols: list[str], path: Path, row_name) -
         raise InputError(path, cols[c], f"non-numeric dosage {raw.iat[r, c]!r} (row "
                          f"{row_name(r)!r}); {int(bad[:, c].sum())} such cells in this "
                          "column", f"dosages must be numbers in [{lo:g}, {hi:g}], missing "
-                         "calls empty or NA; if this column is not a dosage column, list "
-                         "it in annotation_columns")
+                         "calls empty or NA; if the table holds one row per SNP or per donor the "
+                         "other way round, give --dosage-orientation (dosage_orientation= in "
+                         "Python) or leave it to auto; if this column is not a dosage column, "
+                         "list it in annotation_columns (read_dosage_table in Python)")
     values = num.to_numpy(np.float64)
     out = np.isinf(values) | (values < lo) | (values > hi)
     if out.any():

@@ -559,7 +559,8 @@ def spawn_fit(fit_kwargs: dict, nproc: int):
     model.load_state_dict(saved["state"])
     dataset = read_dataset(fit_kwargs["data"], saved["spec"])
     result = FitResult(model=model, dataset=dataset, history=saved["history"], validation=saved["validation"])
+    result.tables = output_tables(model, dataset)
     out = fit_kwargs.get("out")
     if out is not None:
-        result.tables, result.run_dir = output_tables(model, dataset), Path(out)
+        result.run_dir = Path(out)
     return result
