@@ -8,6 +8,7 @@ import contextvars
 import functools
 import itertools
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -87,11 +88,10 @@ class DataNeeds:
                              "name the .obs column with the donor ids: --donor-key on the CLI, "
                              "donor_key= in Python")
         if self.donors == "required" and len(dataset.donor_index) < 2:
-            raise InputError(dataset.source, "donor_key",
-                             f"model '{model}' separates donors from each other, but the data hold "
-                             f"{len(dataset.donor_index)} donor ({list(dataset.donor_index.ids)})",
-                             "give cells of several donors (a population), or fit a donor-free model "
-                             "such as scvi (`pyro-livi models` lists them)")
+            warnings.warn(f"{dataset.source}: model '{model}' separates donors from each other, but the data "
+                          f"hold one donor ({dataset.donor_index.ids[0]}): its donor factors (D, V) have "
+                          "nothing to learn; give cells of several donors, or fit a donor-free model such as "
+                          "scvi (`pyro-livi models` lists them)", UserWarning, stacklevel=4)
         continuous = set(dataset.spec.continuous_modalities)
         for m in dataset.modalities:
             layer = dataset.spec.modalities[m]
