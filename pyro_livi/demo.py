@@ -19,9 +19,10 @@ from scipy.optimize import linear_sum_assignment
 from .analysis.associate_run import output_paths, run_associate
 from .analysis.figures import plot_umap
 from .errors import InputError
+from .outputs import refuse_earlier_outputs, remove_outputs
 from .run import fit
 from .rundir import run_outputs
-from .simulate import SimulationConfig, prepare_simulation_dir, simulate, simulation_outputs, write_simulation
+from .simulate import SimulationConfig, simulate, simulation_outputs, write_simulation
 
 #: Files of the demo itself, beside its simulation/, run/ and association outputs.
 DEMO_FILES = ("summary.md", "summary.json", "umap_cell_state.png")
@@ -142,13 +143,11 @@ def run_demo(out: str | Path, *, seed: int = 0, config: SimulationConfig | None 
     if out.exists() and not out.is_dir():
         raise InputError(out, "--out", "is a file", "give a folder for the demo's outputs (--out)")
     earlier = demo_outputs(out)
-    if earlier and not overwrite:
-        shown = ", ".join(str(p.relative_to(out)) for p in earlier[:5])
-        raise InputError(out, "--out", f"holds the outputs of an earlier demo ({shown}"
-                         + (f" and {len(earlier) - 5} more)" if len(earlier) > 5 else ")"),
-                         "add --overwrite (overwrite=True) to replace them, or choose another --out")
+    if not overwrite:
+        refuse_earlier_outputs(out, earlier, "holds the outputs of an earlier demo",
+                               "add --overwrite (overwrite=True) to replace them, or choose another --out")
+    remove_outputs(out, earlier)
     out.mkdir(parents=True, exist_ok=True)
-    prepare_simulation_dir(out / "simulation", overwrite=True)
     config = config or (SimulationConfig.quick() if quick else SimulationConfig.demo())
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     say = print if progress else (lambda *a, **k: None)
@@ -162,14 +161,14 @@ def run_demo(out: str | Path, *, seed: int = 0, config: SimulationConfig | None 
     result = fit(sim.adata, donor_key="donor", label_keys=["cell_type"], epochs_vae=settings.epochs_vae,
                  epochs=settings.epochs, patience=settings.patience, batch_size=settings.batch_size,
                  lr=settings.lr,
-                 seed=seed, progress=progress, out=out / "run", overwrite=True, n_cell_state=settings.n_cell_state,
+                 seed=seed, progress=progress, out=out / "run", n_cell_state=settings.n_cell_state,
                  n_dxc=settings.n_dxc, n_persistent=settings.n_persistent,
                  encoder_hidden=settings.encoder_hidden, link=settings.link,
                  persistent_in_vae_stage=settings.persistent_in_vae_stage)
 
     say("[3/4] testing every donor factor against every SNP (linear mixed model)")
     results, report = run_associate(out / "run", files["bed"].with_suffix(""), out=out / "associations.tsv",
-                                    fdr=settings.fdr, progress=progress, overwrite=True)
+                                    fdr=settings.fdr, progress=progress)
 
     say("[4/4] UMAP of the cell state and summary")
     cell_state = result.tables["cell_state"].to_numpy()

@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import RunDirectoryError
 from .infer.trainer import CHECKPOINT_NAME, read_checkpoint
 from .models import MODELS
+from .outputs import remove_outputs
 from .persistence import MODEL_FILE
 
 #: Files every run writes at the top of RUN_DIR (besides its tables, ``<name>.tsv``).
@@ -122,11 +123,7 @@ def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = 
                                 "continue that run with --resume (resume=True in Python), replace it "
                                 "with --overwrite (overwrite=True; removes only the files a run writes), "
                                 "or choose another --out (out=)")
-    for path in old:
-        path.unlink()
-    checkpoints = out / CHECKPOINT_DIR
-    if old and checkpoints.is_dir() and not any(checkpoints.iterdir()):
-        checkpoints.rmdir()
+    remove_outputs(out, old)
     return out
 
 

@@ -42,6 +42,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pyro_livi.errors import InputError
+from pyro_livi.outputs import refuse_earlier_outputs, remove_outputs
 
 #: Number of cells whose counts are drawn at once (bounds memory; fixed so that results do not
 #: depend on it).
@@ -710,17 +711,12 @@ def prepare_simulation_dir(out_dir, *, overwrite: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise InputError(out, "--out", "exists and is not a folder", "give a folder for the simulation (--out)")
     old = simulation_outputs(out)
-    if old and not overwrite:
-        names = [str(p.relative_to(out)) for p in old]
-        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-        raise InputError(out, "--out", f"the folder already holds the files of a simulation ({shown})",
-                         "add --overwrite (prepare_simulation_dir(out, overwrite=True) in Python) to replace "
-                         "them (it removes only the files the simulator writes), or choose another --out")
-    for path in old:
-        path.unlink()
-    truth = out / "truth"
-    if old and truth.is_dir() and not any(truth.iterdir()):
-        truth.rmdir()
+    if not overwrite:
+        refuse_earlier_outputs(out, old, "the folder already holds the files of a simulation",
+                               "add --overwrite (prepare_simulation_dir(out, overwrite=True) in Python) to "
+                               "replace them (it removes only the files the simulator writes), or choose "
+                               "another --out")
+    remove_outputs(out, old)
     return out
 
 

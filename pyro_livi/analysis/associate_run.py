@@ -27,6 +27,7 @@ from pyro_livi.analysis.gwas_plots import manhattan_plot, qq_plot
 from pyro_livi.data.genotypes import PlinkReader, is_plink, open_genotypes
 from pyro_livi.data.kinship import read_kinship
 from pyro_livi.errors import InputError
+from pyro_livi.outputs import refuse_earlier_outputs
 
 FACTOR_FILES = {"D": "D.tsv", "V": "V.tsv"}
 
@@ -168,11 +169,10 @@ def prepare_outputs(out, *, overwrite: bool = False) -> dict[str, Path]:
     if blocked is not None:
         raise InputError(results, "--out", f"cannot be written: {blocked} is a file, not a folder",
                          "choose an --out whose folders are folders")
-    existing = [p for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise InputError(results, "--out", "holds the results of an earlier association ("
-                         + ", ".join(p.name for p in existing) + ")",
-                         "add --overwrite (overwrite=True) to replace them, or choose another --out")
+    if not overwrite:  # with it, the files are replaced once the scan has succeeded
+        refuse_earlier_outputs(results.parent, [p for p in paths.values() if p.exists()],
+                               "holds the results of an earlier association",
+                               "add --overwrite (overwrite=True) to replace them, or choose another --out")
     try:
         results.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
