@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from .errors import RunDirectoryError
-from .infer.trainer import CHECKPOINT_NAME, read_checkpoint
+from .infer.trainer import CHECKPOINT_NAME, read_checkpoint, shown_setting
 from .models import MODELS
 from .outputs import remove_outputs
 from .persistence import MODEL_FILE
@@ -131,16 +131,6 @@ def _flag(name: str) -> str:
     return _FLAGS.get(name, f"--{name.replace('_', '-')}")
 
 
-def _shown(name: str, value) -> str:
-    """A compared argument's value as its user gave it: the data-access settings are recorded only
-    when given (:func:`pyro_livi.run.fit`), so their absence reads "not given"."""
-    if name == "backed":
-        return "given" if value else "not given"
-    if name in ("chunk_size", "buffer_batches") and value is None:
-        return "not given (the default)"
-    return repr(value)
-
-
 def _check_same_settings(out: Path, checkpoint: Path, run_info: dict) -> None:
     """Compare the stored arguments and spec of the checkpoint's run with the new request."""
     from .infer.trainer import _differences
@@ -156,7 +146,8 @@ def _check_same_settings(out: Path, checkpoint: Path, run_info: dict) -> None:
     differ = [(k, a, b) for k, a, b in _differences(stored.get("arguments", {}), now_args)]
     differ += [(k, a, b) for k, a, b in _differences(stored.get("spec", {}), run_info.get("spec", {}))]
     if differ:
-        listed = "; ".join(f"{k} ({_flag(k)}): {_shown(k, a)} in the checkpoint, {_shown(k, b)} now"
+        listed = "; ".join(f"{k} ({_flag(k)}): {shown_setting(k, a)} in the checkpoint, "
+                           f"{shown_setting(k, b)} now"
                            for k, a, b in differ)
         raise RunDirectoryError(
             out, "resume", f"the run in this directory was made with other settings: {listed}",

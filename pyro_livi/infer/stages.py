@@ -170,9 +170,7 @@ class Stage:
         epochs; :meth:`check_trainable` refuses them in training), an ``lr_decay`` outside (0, 1],
         or a negative or non-finite rate in ``group_lr`` (0 holds a trained group still)."""
         if not _is_whole(self.epochs) or self.epochs < 0:
-            raise InputError("<arguments>", f"stage '{self.name}' epochs",
-                             f"the number of epochs must be a whole number >= 1, got {self.epochs!r}",
-                             f"give every epoch setting as a whole number >= 1: {_EPOCH_FLAGS}")
+            self._refuse_epochs()
         if not _is_real(self.lr_decay) or not 0.0 < self.lr_decay <= 1.0:
             raise InputError("<arguments>", f"stage '{self.name}' lr_decay",
                              f"the factor the learning rates decay to over the stage must be in (0, 1], got "
@@ -191,9 +189,12 @@ class Stage:
         """Raises InputError unless the stage trains at least one epoch (called by the
         :class:`~pyro_livi.infer.Trainer` for every stage it is given)."""
         if self.epochs < 1:
-            raise InputError("<arguments>", f"stage '{self.name}' epochs",
-                             f"the number of epochs must be a whole number >= 1, got {self.epochs!r}",
-                             f"give every epoch setting as a whole number >= 1: {_EPOCH_FLAGS}")
+            self._refuse_epochs()
+
+    def _refuse_epochs(self):
+        raise InputError("<arguments>", f"stage '{self.name}' epochs",
+                         f"the number of epochs must be a whole number >= 1, got {self.epochs!r}",
+                         f"give every epoch setting as a whole number >= 1: {_EPOCH_FLAGS}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -525,8 +525,8 @@ class Trainer:
         stored_config = {k: v for k, v in {**asdict(TrainingConfig()), **state.get("training_config", {})}.items()
                          if k not in RESUMABLE_CHANGES}
         config = {k: v for k, v in asdict(self.config).items() if k not in RESUMABLE_CHANGES}
-        differ += [f"training setting {k} (--{k.replace('_', '-')} / {k}=): {_shown_setting(a)} in the "
-                   f"checkpoint, {_shown_setting(b)} now" for k, a, b in _differences(stored_config, config)]
+        differ += [f"training setting {k} (--{k.replace('_', '-')} / {k}=): {shown_setting(k, a)} in the "
+                   f"checkpoint, {shown_setting(k, b)} now" for k, a, b in _differences(stored_config, config)]
         stages = [s.to_dict() for s in self.stages]
         if "stages" in state and state["stages"] != stages:
             differ.append(f"training stages: {_stage_summary(state['stages'])} in the checkpoint, "
@@ -571,9 +571,15 @@ def _differences(stored: dict, now: dict) -> list[tuple[str, object, object]]:
     return out
 
 
-def _shown_setting(value) -> str:
-    """A training setting as its user gave it: None (chunk_size, buffer_batches) is the default."""
-    return "not set (the default)" if value is None else repr(value)
+def shown_setting(name: str, value) -> str:
+    """A compared run setting as its user gave it, for resume messages: ``backed`` as given / not
+    given, an unset ``chunk_size`` or ``buffer_batches`` (None: recorded only when given) as the
+    default, anything else as its repr."""
+    if name == "backed":
+        return "given" if value else "not given"
+    if name in ("chunk_size", "buffer_batches") and value is None:
+        return "not given (the default)"
+    return repr(value)
 
 
 def _stage_summary(stages: list[dict]) -> str:
