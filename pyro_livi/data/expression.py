@@ -582,7 +582,8 @@ def _check_covariate_levels(col: pd.Series, key: str, source: str) -> None:
     n_levels = int(col.nunique(dropna=True))
     field = f"obs['{key}'] (covariate_keys)"
     leave_out = f"or leave '{key}' out of the covariates (--covariate-keys on the CLI, covariate_keys= in Python)"
-    if _is_numeric_column(col):
+    numeric = _is_numeric_column(col)
+    if numeric:
         values = col.to_numpy(dtype=np.float64)
         fractional = values != np.round(values)
         if fractional.any() or n_levels > MAX_NUMERIC_COVARIATE_LEVELS:
@@ -606,7 +607,7 @@ def _check_covariate_levels(col: pd.Series, key: str, source: str) -> None:
             f"{_preview(col.astype(str).iloc[:3].tolist(), 3)}): an identifier such as a barcode, not a "
             "covariate; as categories it would give every cell a free offset per feature",
             "give a column that groups cells (batch, sample, plate, ...), " + leave_out)
-    if _is_numeric_column(col) and n_levels > WARN_NUMERIC_COVARIATE_LEVELS:
+    if numeric and n_levels > WARN_NUMERIC_COVARIATE_LEVELS:
         warnings.warn(
             f"{source}: field '{field}': a numeric column with {n_levels} distinct values, read as "
             f"{n_levels} categories (one offset per feature each); if it is a measurement (age, a "

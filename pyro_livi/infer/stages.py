@@ -15,12 +15,12 @@ _EPOCH_FLAGS = ("--epochs / epochs= (max_epochs= in Model.train) for the last st
                 "(`pyro-livi fit --model NAME --help` lists them)")
 
 
-def _is_whole(value) -> bool:
+def is_whole(value) -> bool:
     """An integer (Python or NumPy), not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _is_real(value) -> bool:
+def is_real(value) -> bool:
     """A finite real number (Python or NumPy), not a bool."""
     return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
             and math.isfinite(value))
@@ -29,7 +29,7 @@ def _is_real(value) -> bool:
 def check_epochs(epochs, keyword: str = "epochs", flag: str = "--epochs") -> int:
     """``epochs`` as an int; an InputError naming ``flag`` / ``keyword`` unless it is a whole
     number >= 1 (a training run trains at least one epoch)."""
-    if not _is_whole(epochs) or epochs < 1:
+    if not is_whole(epochs) or epochs < 1:
         raise InputError("<arguments>", keyword, f"the number of epochs must be a whole number >= 1, got {epochs!r}",
                          f"give e.g. {flag} 200 on the CLI ({keyword}=200 in Python)")
     return int(epochs)
@@ -41,7 +41,7 @@ def check_patience(patience, keyword: str = "patience", flag: str = "--patience"
     is returned as None."""
     if patience is None:
         return None
-    if not _is_whole(patience) or patience < 0:
+    if not is_whole(patience) or patience < 0:
         raise InputError("<arguments>", keyword,
                          f"early stopping's patience must be a whole number of stalled epochs >= 1, or "
                          f"None / 0 for no early stopping, got {patience!r}",
@@ -82,7 +82,7 @@ class EarlyStopping:
         """Raises InputError for a patience that is not a whole number >= 1 (naming ``--patience`` /
         ``patience=``: no early stopping is no EarlyStopping), or a negative or non-finite
         ``min_delta`` / ``factor_tol``."""
-        if not _is_whole(self.patience) or self.patience < 1:
+        if not is_whole(self.patience) or self.patience < 1:
             raise InputError("<arguments>", "patience",
                              f"early stopping's patience must be a whole number of stalled epochs >= 1, "
                              f"got {self.patience!r}",
@@ -90,7 +90,7 @@ class EarlyStopping:
                              "(patience=None) to train every epoch")
         for name in ("min_delta", "factor_tol"):
             value = getattr(self, name)
-            if not _is_real(value) or value < 0:
+            if not is_real(value) or value < 0:
                 raise InputError("<arguments>", f"EarlyStopping.{name}", f"must be a number >= 0, got {value!r}",
                                  "give a non-negative tolerance")
 
@@ -169,16 +169,16 @@ class Stage:
         or non-whole ``epochs`` (0 is allowed here: a schedule drops the stages it leaves at 0
         epochs; :meth:`check_trainable` refuses them in training), an ``lr_decay`` outside (0, 1],
         or a negative or non-finite rate in ``group_lr`` (0 holds a trained group still)."""
-        if not _is_whole(self.epochs) or self.epochs < 0:
+        if not is_whole(self.epochs) or self.epochs < 0:
             self._refuse_epochs()
-        if not _is_real(self.lr_decay) or not 0.0 < self.lr_decay <= 1.0:
+        if not is_real(self.lr_decay) or not 0.0 < self.lr_decay <= 1.0:
             raise InputError("<arguments>", f"stage '{self.name}' lr_decay",
                              f"the factor the learning rates decay to over the stage must be in (0, 1], got "
                              f"{self.lr_decay!r}",
                              "give a factor in (0, 1], 1 for constant rates (the model's schedule option, e.g. "
                              "--lr-decay / lr_decay= of mofa)")
         for group, rate in self.group_lr.items():
-            if not _is_real(rate) or rate < 0:
+            if not is_real(rate) or rate < 0:
                 raise InputError("<arguments>", f"stage '{self.name}' group_lr['{group}']",
                                  f"the learning rate of parameter group '{group}' must be a number >= 0 (0 holds "
                                  f"the group still), got {rate!r}",

@@ -25,7 +25,7 @@ from ..progress import tqdm
 from ..data.loader import MinibatchLoader
 from ..errors import InputError, RunDirectoryError, TrainingDivergedError
 from .elbo import elbo_terms
-from .stages import EarlyStopping, Stage, _is_real, _is_whole, direction_change
+from .stages import EarlyStopping, Stage, direction_change, is_real, is_whole
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -83,7 +83,7 @@ MAX_SEED = 2 ** 32 - 1
 def check_seed(seed, keyword: str = "seed", flag: str = "--seed") -> int:
     """``seed`` as an int; an InputError naming ``flag`` / ``keyword`` unless it is a whole number
     from 0 to :data:`MAX_SEED` (the seeds NumPy accepts)."""
-    if not _is_whole(seed) or not 0 <= int(seed) <= MAX_SEED:
+    if not is_whole(seed) or not 0 <= int(seed) <= MAX_SEED:
         raise InputError("<arguments>", keyword,
                          f"the seed must be a whole number from 0 to 2**32 - 1 ({MAX_SEED}), got {seed!r}",
                          f"give e.g. {flag} 0 on the CLI ({keyword}=0 in Python)")
@@ -94,7 +94,7 @@ def check_learning_rate(lr, keyword: str = "lr", flag: str = "--lr") -> float:
     """``lr`` as a float; an InputError naming ``flag`` / ``keyword`` unless it is a finite number
     > 0 (Adam moves against the gradient by about ``lr`` per step: a negative rate climbs the
     loss, a zero rate trains nothing)."""
-    if not _is_real(lr) or lr <= 0:
+    if not is_real(lr) or lr <= 0:
         raise InputError("<arguments>", keyword, f"the learning rate must be a positive number, got {lr!r}",
                          f"give a rate > 0, e.g. {flag} 8e-4 on the CLI ({keyword}=8e-4 in Python), the default; "
                          "lower it (e.g. ten-fold) if training diverges")

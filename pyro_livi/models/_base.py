@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import itertools
-import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pyro.nn import PyroModule, PyroParam
 
 from ..data.batch import Batch
 from ..errors import InputError
-from ..infer.stages import EarlyStopping, Stage
+from ..infer.stages import EarlyStopping, Stage, is_real, is_whole
 from ..likelihoods import LIKELIHOODS, Likelihood, get_likelihood
 
 _instance_counter = itertools.count()
@@ -281,15 +280,13 @@ class Option:
                 return item
             self._refuse(name, value, source)
         if kind is int:
-            if isinstance(item, (bool, np.bool_)) or not isinstance(item, (int, np.integer)):
+            if not is_whole(item):
                 self._refuse(name, value, source)
             item = int(item)
         elif kind is float:
-            if isinstance(item, (bool, np.bool_)) or not isinstance(item, (int, float, np.integer, np.floating)):
+            if not is_real(item):
                 self._refuse(name, value, source)
             item = float(item)
-            if not math.isfinite(item):
-                self._refuse(name, value, source)
         else:
             return item
         if ((self.at_least is not None and item < self.at_least) or (self.above is not None and item <= self.above)
