@@ -138,7 +138,7 @@ def default_modalities(data: str, needs) -> str:
     """``--modalities`` when not given: ``rna`` for an ``.h5ad`` (one modality) and for models of
     one modality; for a ``.h5mu`` and a model of several, the file's modalities (``rna`` first when
     it has one, then the others in the file's order, as many as the model takes)."""
-    low, high = needs.modalities
+    high = needs.modalities[1]
     if high == 1 or not str(data).endswith(".h5mu"):
         return "rna"
     try:
