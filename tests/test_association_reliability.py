@@ -370,3 +370,15 @@ def test_cli_half_matching_ids_then_flags(tmp_path, capsys):
     assert "warning: partial donor match allowed" in out
     assert _parser().parse_args(base + ["--no-loco"]).loco is False
     assert _parser().parse_args(base).loco is None
+
+
+def test_summary_names_the_test_of_factors_with_a_degenerate_null_model():
+    from pyro_livi.commands.associate import summary
+
+    geno = _geno(n=40, m=30)
+    _, rep = associate_factors(_factors(geno.donors), geno, kinship="identity", progress=False)
+    rep["pvalue_method"]["n_factors_with_degenerate_null_model"] = 2
+    for requested, test in (("auto", "the exact F-test"), ("lrt", "the likelihood-ratio test, as --pvalue-method lrt")):
+        rep["pvalue_method"]["requested"] = requested
+        line = next(s for s in summary(rep).splitlines() if "degenerate" in s)
+        assert f"2 of 3 factors (their p-values from {test}" in line

@@ -495,6 +495,7 @@ def test_mudata_different_cells():
     msg = raises("mdata.mod['prot'].obs_names", "optional_modalities", read_dataset,
                  mdata, MU_SPEC)
     assert "10 cell(s) of 'rna' are missing from 'prot'" in msg
+    assert "--optional-modalities prot on the CLI" in msg and "`pyro-livi models`" in msg
 
 
 def test_mudata_optional_modality_missing_some_cells():

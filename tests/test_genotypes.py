@@ -169,6 +169,7 @@ def test_read_dosage_table_bad_values(tmp_path):
         read_dosage_table(path, orientation="snps_x_donors")
     assert "bad.csv" in str(err.value) and "'D2'" in str(err.value)
     assert "non-numeric" in str(err.value) and "annotation_columns" in str(err.value)
+    assert "--dosage-orientation" in str(err.value)
     frame = _snps_x_donors_frame()
     frame.loc[2, "D3"] = 3
     frame.to_csv(path, index=False)
